@@ -1,0 +1,31 @@
+"""``lit-align``: the LightningCLI entry point (``lit-align fit -c configs/sft.yaml``)."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from lit_align.modules.base import AlignModule
+
+
+class AlignCLI(LightningCLI):
+    """LightningCLI in subclass mode (``--model lit_align.SFTModule`` or your own subclass), with the DataModule's
+    tokenizer linked to the model's so that it is set in one place."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> AlignCLI:
+    return AlignCLI(
+        AlignModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

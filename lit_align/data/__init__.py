@@ -1,0 +1,18 @@
+"""Data: reading records, tokenizing them correctly for any tokenizer, and the LightningDataModules."""
+
+from lit_align.data.collate import SFTCollator
+from lit_align.data.instruction import InstructionDataModule
+from lit_align.data.sources import DataError, read_records
+from lit_align.data.templates import TemplateSet, load_templates
+from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "InstructionDataModule",
+    "SFTCollator",
+    "SegmentEncoder",
+    "TemplateSet",
+    "load_templates",
+    "read_records",
+]

@@ -1,0 +1,222 @@
+"""``InstructionDataModule``: instruction data (Alpaca, Self-Instruct, prompt/completion, chat, FLAN templates)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.data.collate import SFTCollator
+from lit_align.data.sources import DataError, DataSource, Record, read_records
+from lit_align.data.templates import alpaca_prompt, load_templates
+from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
+from lit_align.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+Segments = list[tuple[str, bool]]
+
+
+def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
+    """Records from one source or a list of file paths / hub ids (read in order)."""
+    if isinstance(source, Sequence) and not isinstance(source, str) and all(isinstance(s, str) for s in source):
+        return [record for s in source for record in read_records(s)]
+    return read_records(source)
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction-tuning data, tokenized with the loss on the response only.
+
+    Each row is one of these shapes (detected per row):
+
+    - ``{"messages": [{"role", "content"}, ...]}``: a chat, rendered with the tokenizer's chat template; the loss is
+      taken on every assistant turn.
+    - ``{"prompt", "completion"}``.
+    - ``{"instruction", "input"?, "output"}`` (Alpaca), or ``{"instruction", "instances": [{"input", "output"}]}``
+      (Self-Instruct seed tasks: one example per instance). Rendered in the Alpaca prompt format.
+    - any fields, rendered through FLAN-style ``templates`` (see :mod:`lit_align.data.templates`).
+
+    Rows whose response is empty, or becomes empty after truncation, are dropped and counted (they carry no loss).
+    Malformed rows raise a :class:`~lit_align.data.sources.DataError` naming the file, row and field, or are skipped
+    and counted with ``bad_rows="skip"``. The counts are logged when the data is set up and kept in ``self.stats``.
+
+    Args:
+        tokenizer: a tokenizer, or a name/path for :func:`~lit_align.models.load_tokenizer`. Under ``lit-align`` it
+            follows the model's.
+        train_data: a local JSON/JSONL(.gz)/Parquet/CSV file, a list of such files, a hub dataset id
+            (``"name"`` or ``"name:split"``), or a list of dicts.
+        val_data: held-out data in the same forms; if not given, ``val_fraction`` of the training rows are held out.
+        val_fraction: fraction of training rows held out for validation when ``val_data`` is not given (0 for none).
+        templates: FLAN-style templates: a YAML/JSON path or a dict; every row is rendered through them.
+        options_marker: text that introduces a classification task's answer options (FLAN's ``"OPTIONS:"``).
+        every_template: render each row through every template of its task instead of one picked per row.
+        use_chat_template: wrap non-chat rows as a user turn and an assistant turn of the tokenizer's chat template.
+        train_on_prompt: take the loss on prompt tokens too, not only on the response.
+        max_length: longest sequence in tokens; longer ones are cut at the end.
+        end_markers: literal end-of-text strings a dataset writes at the end of responses (the T0/P3 files end with
+            ``"<|endoftext|>"``); they are removed and the tokenizer's own EOS is used.
+        bad_rows: ``"error"`` stops at the first malformed row; ``"skip"`` drops such rows and counts them.
+        batch_size: examples per batch on each device.
+        num_workers: data-loader worker processes.
+        seed: seed for the validation split and for picking templates.
+        pad_to_multiple_of: round padded lengths up to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase = "tiny",
+        train_data: DataSource | list[str] = "bundled:self_instruct_seed_tasks.jsonl",
+        val_data: DataSource | list[str] | None = None,
+        val_fraction: float = 0.05,
+        templates: str | dict[str, Any] | None = None,
+        options_marker: str = "OPTIONS:",
+        every_template: bool = False,
+        use_chat_template: bool = False,
+        train_on_prompt: bool = False,
+        max_length: int = 2048,
+        end_markers: list[str] | None = None,
+        bad_rows: Literal["error", "skip"] = "error",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
+        self.templates = load_templates(templates, options_marker, seed) if templates is not None else None
+        self.every_template = every_template
+        self.use_chat_template = use_chat_template
+        self.train_on_prompt = train_on_prompt
+        self.max_length = max_length
+        self.end_markers = list(end_markers or [])
+        self.bad_rows = bad_rows
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.collator = SFTCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        self.encoder = SegmentEncoder(self.tokenizer, max_length)
+        self.stats: dict[str, Counter] = {}
+        self.train_dataset: list[dict[str, list[int]]] | None = None
+        self.val_dataset: list[dict[str, list[int]]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        train_records = resolve_sources(self.train_data)
+        if self.val_data is not None:
+            val_records = resolve_sources(self.val_data)
+        else:
+            order = list(range(len(train_records)))
+            random.Random(self.seed).shuffle(order)
+            held_out = set(order[: round(len(order) * self.val_fraction)])
+            val_records = [r for i, r in enumerate(train_records) if i in held_out]
+            train_records = [r for i, r in enumerate(train_records) if i not in held_out]
+        self.train_dataset = self.encode_records(train_records, "train")
+        self.val_dataset = self.encode_records(val_records, "val")
+        if not self.train_dataset:
+            raise ValueError(f"no usable training examples; counts: {dict(self.stats['train'])}")
+
+    def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, list[int]]]:
+        """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]``."""
+        counts = self.stats[split] = Counter(rows=len(records))
+        examples = []
+        for index, record in enumerate(records):
+            try:
+                all_segments = self.record_segments(record, index)
+            except DataError as error:
+                if self.bad_rows == "error":
+                    raise
+                counts["skipped_bad_row"] += 1
+                log.warning("skipping bad row: %s", error)
+                continue
+            for segments in all_segments:
+                if segments is None:
+                    counts["dropped_empty_response"] += 1
+                    continue
+                encoded = self.encoder.encode(segments)
+                counts["truncated"] += encoded.truncated
+                if all(label == IGNORE_INDEX for label in encoded.labels):
+                    counts["dropped_empty_after_truncation"] += 1
+                    continue
+                examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+        counts["examples"] = len(examples)
+        if records:
+            rank_zero_info(f"lit_align {split} data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        return examples
+
+    def record_segments(self, record: Record, index: int) -> list[Segments | None]:
+        """The ``(text, trainable)`` segments of each example in ``record`` (``None`` for an empty response)."""
+        row, where = record.row, record.where
+        if not isinstance(row, Mapping):
+            raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
+        if self.templates is not None:
+            pairs = self.templates.render(row, index, where, self.every_template)
+        elif "messages" in row:
+            segments = chat_segments(self.tokenizer, check_messages(row["messages"], where), where)
+            if not any(text.strip() for text, trainable in segments if trainable):
+                return [None]
+            return [[(text, trainable or self.train_on_prompt) for text, trainable in segments]]
+        elif "prompt" in row or "completion" in row:
+            pairs = [(check_text(row.get("prompt"), where, "prompt"), check_text(row.get("completion"), where, "completion"))]
+        elif "instruction" in row:
+            pairs = self._instruction_pairs(row, where)
+        else:
+            raise DataError(
+                where, None, f"has fields {sorted(row)}; expected 'messages', 'prompt'/'completion', or "
+                "'instruction'/'output' (or pass templates)"
+            )
+        return [self._pair_segments(prompt, completion, where) for prompt, completion in pairs]
+
+    def _instruction_pairs(self, row: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
+        instruction = check_text(row.get("instruction"), where, "instruction")
+        if "instances" in row:
+            instances = row["instances"]
+            if not isinstance(instances, list) or not instances:
+                raise DataError(where, "instances", "must be a non-empty list of {'input', 'output'}")
+            items = [(inst, f"instances[{i}].") for i, inst in enumerate(instances)]
+        else:
+            items = [(row, "")]
+        pairs = []
+        for item, prefix in items:
+            if not isinstance(item, Mapping):
+                raise DataError(where, prefix.rstrip("."), "must be an object with 'input' and 'output'")
+            input_text = item.get("input", "")
+            input_text = "" if input_text is None else check_text(input_text, where, f"{prefix}input")
+            output = check_text(item.get("output"), where, f"{prefix}output")
+            if self.use_chat_template:
+                pairs.append((f"{instruction}\n\n{input_text}" if input_text else instruction, output))
+            else:
+                pairs.append((alpaca_prompt(instruction, input_text), output))
+        return pairs
+
+    def _pair_segments(self, prompt: str, completion: str, where: str) -> Segments | None:
+        for marker in self.end_markers:
+            if completion.endswith(marker):
+                completion = completion[: -len(marker)]
+        if not completion.strip():
+            return None
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            segments = chat_segments(self.tokenizer, messages, where)
+            return [(text, trainable or self.train_on_prompt) for text, trainable in segments]
+        return [(prompt, self.train_on_prompt), (completion, True)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset or [], batch_size=self.batch_size, shuffle=False, collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )

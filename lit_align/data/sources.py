@@ -1,0 +1,102 @@
+"""Reading raw records: in-memory lists, local JSON/JSONL(.gz)/Parquet/CSV files, or a Hugging Face hub dataset.
+
+Every record comes with a ``where`` string that names its file and row, so that a bad row can be reported exactly.
+JSON and JSONL are read with the standard library rather than ``datasets``: Arrow's schema inference turns one
+mistyped row into an opaque error about the whole column, and loses the line number.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+DataSource = Union[str, Sequence[Mapping[str, Any]]]
+"""A path to a local file, a sample file shipped with lit_align (``"bundled:<file name>"``), a hub dataset id
+(``"name"`` or ``"name:split"``), or a list of dicts."""
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_DATA = Path(__file__).parents[1] / "assets" / "data"
+
+_JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+_ARROW_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}
+
+
+class DataError(ValueError):
+    """A record that cannot be used. The message names the source, the row and the field."""
+
+    def __init__(self, where: str, field: str | None, problem: str):
+        self.where, self.field, self.problem = where, field, problem
+        super().__init__(f"{where}, field {field!r}: {problem}" if field else f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw row and where it came from (``"path/to/file.jsonl, row 12"``; rows count from 1)."""
+
+    where: str
+    row: Any
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_json(path: Path) -> list[Record]:
+    with _open_text(path) as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array of records
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}", None, f"invalid JSON at line {e.lineno}: {e.msg}") from None
+        return [Record(f"{path}, row {i}", row) for i, row in enumerate(rows, start=1)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, row {lineno}", None, f"invalid JSON: {e.msg}") from None
+        records.append(Record(f"{path}, row {lineno}", row))
+    return records
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (*_JSON_SUFFIXES, *_ARROW_BUILDERS):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def read_records(source: DataSource, split: str = "train") -> list[Record]:
+    """Read ``source`` into records. ``split`` applies to hub datasets given without one (``"name:split"`` wins)."""
+    if not isinstance(source, str):
+        return [Record(f"in-memory data, row {i}", row) for i, row in enumerate(source, start=1)]
+    if source.startswith(BUNDLED_PREFIX):
+        source = str(BUNDLED_DATA / source[len(BUNDLED_PREFIX) :])
+    path = Path(source).expanduser()
+    suffix = _suffix(path)
+    if path.exists() or suffix in _JSON_SUFFIXES or suffix in _ARROW_BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        if suffix in _JSON_SUFFIXES:
+            return _read_json(path)
+        if suffix in _ARROW_BUILDERS:
+            import datasets
+
+            table = datasets.load_dataset(_ARROW_BUILDERS[suffix], data_files=str(path), split="train")
+            return [Record(f"{path}, row {i}", row) for i, row in enumerate(table, start=1)]
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use JSON, JSONL, Parquet or CSV")
+    import datasets
+
+    name, _, hub_split = source.partition(":")
+    split = hub_split or split
+    table = datasets.load_dataset(name, split=split)
+    return [Record(f"{name} [{split}], row {i}", row) for i, row in enumerate(table, start=1)]

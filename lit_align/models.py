@@ -1,0 +1,78 @@
+"""Loading causal LMs and tokenizers: the embedded ``tiny`` preset, a local directory, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+TINY = "tiny"
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+
+# A small Llama-architecture model that trains in seconds on a CPU. Untied embeddings so that the unembedding is a
+# separate matrix, as in the models users bring.
+TINY_CONFIG: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"``/``"float16"``/``"float32"`` (or a ``torch.dtype``) to a ``torch.dtype``; ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The embedded tokenizer for ``"tiny"``, else ``AutoTokenizer.from_pretrained(name_or_path)``.
+
+    A tokenizer without a pad token gets ``pad_token = eos_token`` (the pad == eos case our data code is built for).
+    """
+    path = TOKENIZER_DIR if name_or_path == TINY else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> LlamaConfig:
+    """The ``tiny`` preset's config, sized to ``tokenizer``."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY_CONFIG, **overrides},
+    )
+
+
+def load_causal_lm(
+    name_or_path: str = TINY,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A causal LM: ``"tiny"`` builds the embedded preset from its config (random weights, seeded by the caller);
+    anything else is loaded with ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory)."""
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path == TINY:
+        model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
+        return model.to(torch_dtype) if torch_dtype is not None else model
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)

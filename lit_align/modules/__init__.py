@@ -1,0 +1,6 @@
+"""The LightningModules, one per alignment method, on a thin shared base."""
+
+from lit_align.modules.base import AlignModule, LoRA
+from lit_align.modules.sft import SFTModule
+
+__all__ = ["AlignModule", "LoRA", "SFTModule"]

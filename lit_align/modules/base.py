@@ -1,0 +1,213 @@
+"""``AlignModule``: the thin base every method shares (policy loading, optimizer injection, export)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.models import TINY, load_causal_lm, load_tokenizer
+from lit_align.optim import WarmupCosineLR, default_optimizer
+
+
+@dataclass
+class LoRA:
+    """LoRA adapters through PEFT (Hu et al. 2021); only the adapters train.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or ``"all-linear"``.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = field(default="all-linear")
+
+
+class _ResidualDropout:
+    """Forward hook: dropout on a sub-layer's output before it joins the residual stream."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not module.training or self.p == 0:
+            return output
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], self.p, True), *output[1:])
+        return F.dropout(output, self.p, True)
+
+
+def add_residual_dropout(model: nn.Module, p: float) -> int:
+    """Apply dropout with probability ``p`` to every attention and MLP sub-layer output of ``model``'s transformer
+    blocks (residual dropout, as in GPT-2 and InstructGPT; Llama-family models have none built in).
+
+    Returns the number of blocks hooked; raises if ``model`` has no block with ``self_attn``/``attn`` and ``mlp``.
+    """
+    blocks = [m for m in model.modules() if hasattr(m, "mlp") and (hasattr(m, "self_attn") or hasattr(m, "attn"))]
+    if not blocks:
+        raise ValueError(f"residual_dropout: found no transformer block with attn and mlp in {type(model).__name__}")
+    hook = _ResidualDropout(p)
+    for block in blocks:
+        attention = block.self_attn if hasattr(block, "self_attn") else block.attn
+        attention.register_forward_hook(hook)
+        block.mlp.register_forward_hook(hook)
+    return len(blocks)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
+class AlignModule(L.LightningModule):
+    """Base of the alignment methods: owns the policy, its tokenizer, the optimizer and schedule, and export.
+
+    Args:
+        model: ``"tiny"`` (the embedded offline preset), a Hugging Face hub id or local directory, or an already built
+            causal LM (``nn.Module``) for use in your own project.
+        tokenizer: a tokenizer or its name/path; by default the one that goes with ``model``.
+        lr: peak learning rate, applied to whichever optimizer is used.
+        optimizer: optimizer factory (``class_path`` in YAML); default AdamW with betas (0.9, 0.95), as InstructGPT.
+        lr_scheduler: schedule factory, stepped every optimizer step; default
+            :class:`~lit_align.optim.WarmupCosineLR` (3% warm-up, cosine decay to 10%).
+        dtype: dtype to load the weights in (``"bfloat16"``, ``"float16"``, ``"float32"``); by default as stored for
+            hub models and fp32 for ``tiny``. Mixed precision is the Trainer's ``precision``.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        lora: train LoRA adapters instead of all weights (needs ``pip install lit-align[peft]``).
+        residual_dropout: dropout on every attention/MLP output before the residual add (InstructGPT used 0.2);
+            ``None`` leaves the model as it is.
+        trust_remote_code: allow hub models and tokenizers to run their own code. Off unless you trust the source.
+        export_dir: write the trained policy here as a Hugging Face directory (safetensors) when fitting ends.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = TINY,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        lr: float = 1e-5,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        lora: LoRA | None = None,
+        residual_dropout: float | None = None,
+        trust_remote_code: bool = False,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(lora, Mapping):  # from a checkpoint's hyper-parameters
+            lora = LoRA(**lora)
+        objects = {"model": model, "tokenizer": tokenizer, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        self.save_hyperparameters(ignore=[name for name, value in objects.items() if not isinstance(value, str)])
+        if lora is not None:
+            self.hparams["lora"] = asdict(lora)
+        if isinstance(model, nn.Module) and tokenizer is None:
+            raise ValueError("a model given as an nn.Module needs its tokenizer")
+        if isinstance(tokenizer, PreTrainedTokenizerBase):
+            self.tokenizer = tokenizer
+        else:
+            self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+        self.model_name_or_path = model if isinstance(model, str) else None
+        self.lr, self.optimizer_factory, self.lr_scheduler_factory = lr, optimizer, lr_scheduler
+        self.dtype_name, self.trust_remote_code = dtype, trust_remote_code
+        self.gradient_checkpointing, self.lora, self.residual_dropout = gradient_checkpointing, lora, residual_dropout
+        self.export_dir = export_dir
+        self.policy: nn.Module | None = None
+        if isinstance(model, nn.Module):
+            self.policy = self._prepare_policy(model)
+
+    # ----- the policy -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Create the policy (called by the Trainer, inside the strategy's initialisation context)."""
+        if self.policy is None:
+            model = load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
+            self.policy = self._prepare_policy(model)
+
+    def _prepare_policy(self, model: nn.Module) -> nn.Module:
+        if self.residual_dropout is not None:
+            add_residual_dropout(model, self.residual_dropout)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                target_modules=self.lora.target_modules, task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
+        self._logits_to_keep = _accepts(model, "logits_to_keep")
+        return model
+
+    def policy_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        first_position: int = 0,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T - first_position, V]`` of ``model`` (the policy by default) for positions
+        ``first_position`` onwards; the unembedding is skipped for earlier positions when the model supports it."""
+        model = model if model is not None else self.policy
+        kwargs: dict[str, Any] = {}
+        if first_position > 0 and self._logits_to_keep:
+            kwargs["logits_to_keep"] = input_ids.shape[1] - first_position
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits[:, -(input_ids.shape[1] - first_position) :]
+
+    # ----- optimisation -----------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (override to add heads or exclude parts)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = (self.optimizer_factory or default_optimizer)(self.trainable_parameters())
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        scheduler = (self.lr_scheduler_factory or WarmupCosineLR)(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None and self._trainer is not None:
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- export -----------------------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.export_dir is not None:
+            self.export_hf(self.export_dir)
+
+    def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
+        """Save the policy and tokenizer as a Hugging Face directory (safetensors) that
+        ``AutoModelForCausalLM.from_pretrained`` loads. LoRA adapters are merged into a copy of the weights unless
+        ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full weights are
+        gathered first; rank 0 writes."""
+        path = Path(path)
+        model = self.policy
+        state_dict = None
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload() if merge_lora else model
+        elif self._trainer is not None:
+            prefix = "policy."
+            full = self.trainer.strategy.lightning_module_state_dict()
+            state_dict = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+        if self._trainer is None or self.trainer.is_global_zero:
+            model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+        if self._trainer is not None:
+            self.trainer.strategy.barrier("lit_align.export_hf")
+        return path

@@ -1,0 +1,51 @@
+"""``SFTModule``: supervised fine-tuning on demonstrations (InstructGPT step 1, FLAN instruction tuning)."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from lit_align.data.tokenize import IGNORE_INDEX
+from lit_align.losses import sft_loss
+from lit_align.modules.base import AlignModule
+
+
+class SFTModule(AlignModule):
+    """Next-token cross-entropy on the response tokens (the tokens the DataModule labels).
+
+    Logs ``train/loss`` and ``train/token_acc`` every step, and ``val/loss``, ``val/ppl`` (perplexity, the exponent
+    of the token-averaged loss) and ``val/token_acc`` every validation epoch, reduced over all devices.
+    Takes the same arguments as :class:`~lit_align.modules.base.AlignModule`.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_nll = MeanMetric()
+        self.val_token_acc = MeanMetric()
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, n_correct, n_tokens)`` for a batch from :class:`~lit_align.data.collate.SFTCollator`."""
+        labels = batch["labels"]
+        # Logits are needed only from the position before the first labelled token of any row onwards.
+        labelled = labels != IGNORE_INDEX
+        first = int(torch.where(labelled.any(1), labelled.float().argmax(1), labels.shape[1]).min().clamp(min=1)) - 1
+        logits = self.policy_logits(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), first)
+        return sft_loss(logits, labels[:, first:])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, correct, n_tokens = self.compute_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/token_acc", correct / n_tokens.clamp(min=1), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, correct, n_tokens = self.compute_loss(batch)
+        self.val_nll.update(loss, weight=n_tokens)
+        self.val_token_acc.update(correct / n_tokens.clamp(min=1), weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()  # synced across devices: the same value on every rank
+        self.log_dict({"val/loss": nll, "val/ppl": nll.exp(), "val/token_acc": self.val_token_acc.compute()})
+        self.val_nll.reset()
+        self.val_token_acc.reset()

@@ -1,0 +1,63 @@
+"""Optimizer and learning-rate schedule defaults (InstructGPT: Adam with betas 0.9/0.95, cosine decay)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+INSTRUCTGPT_BETAS = (0.9, 0.95)
+
+
+def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with InstructGPT's betas (0.9, 0.95) and no weight decay; the module sets the learning rate."""
+    return torch.optim.AdamW(params, betas=INSTRUCTGPT_BETAS, weight_decay=0.0)
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warm-up to the base learning rate, then cosine decay to ``min_lr_ratio`` times it.
+
+    Stepped once per optimizer step. A state dict of plain numbers (it loads with ``weights_only=True``).
+
+    Args:
+        optimizer: the optimizer whose learning rates are scheduled.
+        warmup_steps: warm-up length: a step count, or a fraction of ``total_steps`` if below 1.
+        total_steps: steps of the whole run; ``None`` lets the module fill in the Trainer's estimate.
+        min_lr_ratio: final learning rate as a fraction of the base (InstructGPT decayed to 10%).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: float = 0.03,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fill in the run length once it is known, and re-apply the step-0 learning rate with it."""
+        self.total_steps = int(total_steps)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def factor(self, step: int) -> float:
+        """The learning-rate multiplier at optimizer step ``step`` (0-based)."""
+        total = self.total_steps
+        if total is None or total <= 0:
+            return 1.0
+        warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]

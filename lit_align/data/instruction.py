@@ -22,6 +22,9 @@ from lit_align.models import load_tokenizer
 log = logging.getLogger(__name__)
 
 Segments = list[tuple[str, bool]]
+Example = tuple[Segments, bool]
+"""An example's ``(text, trainable)`` segments and whether EOS must be appended (not for chat templates, which end
+assistant turns with their own end-of-turn token)."""
 
 
 def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
@@ -130,18 +133,18 @@ class InstructionDataModule(L.LightningDataModule):
         examples = []
         for index, record in enumerate(records):
             try:
-                all_segments = self.record_segments(record, index)
+                row_examples = self.record_examples(record, index)
             except DataError as error:
                 if self.bad_rows == "error":
                     raise
                 counts["skipped_bad_row"] += 1
                 log.warning("skipping bad row: %s", error)
                 continue
-            for segments in all_segments:
-                if segments is None:
+            for example in row_examples:
+                if example is None:
                     counts["dropped_empty_response"] += 1
                     continue
-                encoded = self.encoder.encode(segments)
+                encoded = self.encoder.encode(*example)
                 counts["truncated"] += encoded.truncated
                 if all(label == IGNORE_INDEX for label in encoded.labels):
                     counts["dropped_empty_after_truncation"] += 1
@@ -152,8 +155,8 @@ class InstructionDataModule(L.LightningDataModule):
             rank_zero_info(f"lit_align {split} data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return examples
 
-    def record_segments(self, record: Record, index: int) -> list[Segments | None]:
-        """The ``(text, trainable)`` segments of each example in ``record`` (``None`` for an empty response)."""
+    def record_examples(self, record: Record, index: int) -> list[Example | None]:
+        """The examples in ``record`` (``None`` for one whose response is empty)."""
         row, where = record.row, record.where
         if not isinstance(row, Mapping):
             raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
@@ -163,7 +166,7 @@ class InstructionDataModule(L.LightningDataModule):
             segments = chat_segments(self.tokenizer, check_messages(row["messages"], where), where)
             if not any(text.strip() for text, trainable in segments if trainable):
                 return [None]
-            return [[(text, trainable or self.train_on_prompt) for text, trainable in segments]]
+            return [([(text, trainable or self.train_on_prompt) for text, trainable in segments], False)]
         elif "prompt" in row or "completion" in row:
             pairs = [(check_text(row.get("prompt"), where, "prompt"), check_text(row.get("completion"), where, "completion"))]
         elif "instruction" in row:
@@ -197,7 +200,7 @@ class InstructionDataModule(L.LightningDataModule):
                 pairs.append((alpaca_prompt(instruction, input_text), output))
         return pairs
 
-    def _pair_segments(self, prompt: str, completion: str, where: str) -> Segments | None:
+    def _pair_segments(self, prompt: str, completion: str, where: str) -> Example | None:
         for marker in self.end_markers:
             if completion.endswith(marker):
                 completion = completion[: -len(marker)]
@@ -206,8 +209,8 @@ class InstructionDataModule(L.LightningDataModule):
         if self.use_chat_template:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             segments = chat_segments(self.tokenizer, messages, where)
-            return [(text, trainable or self.train_on_prompt) for text, trainable in segments]
-        return [(prompt, self.train_on_prompt), (completion, True)]
+            return [(text, trainable or self.train_on_prompt) for text, trainable in segments], False
+        return [(prompt, self.train_on_prompt), (completion, True)], True
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

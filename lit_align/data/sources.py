@@ -83,7 +83,7 @@ def read_records(source: DataSource, split: str = "train") -> list[Record]:
         source = str(BUNDLED_DATA / source[len(BUNDLED_PREFIX) :])
     path = Path(source).expanduser()
     suffix = _suffix(path)
-    if path.exists() or suffix in _JSON_SUFFIXES or suffix in _ARROW_BUILDERS:
+    if path.is_file() or suffix in _JSON_SUFFIXES or suffix in _ARROW_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
         if suffix in _JSON_SUFFIXES:
@@ -96,7 +96,8 @@ def read_records(source: DataSource, split: str = "train") -> list[Record]:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use JSON, JSONL, Parquet or CSV")
     import datasets
 
-    name, _, hub_split = source.partition(":")
+    # A hub id, or a local directory laid out like a hub dataset repository (the same code path).
+    name, _, hub_split = (source, "", "") if path.is_dir() else source.partition(":")
     split = hub_split or split
     table = datasets.load_dataset(name, split=split)
     return [Record(f"{name} [{split}], row {i}", row) for i, row in enumerate(table, start=1)]

@@ -1,0 +1,95 @@
+"""Shared fixtures: the embedded tokenizer, user-style tokenizers built offline, and the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lit_align.models import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside this checkout")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "Is this review positive or negative? The movie was wonderful and the acting superb.",
+    "OPTIONS: - positive - negative. Answer: positive. Answer: negative.",
+    "Human: what are some pranks with a pen i can do? Assistant: Are you looking for practical joke ideas?",
+    "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May. #### 72",
+    "The capital of France is Paris. Translate the sentence into French. Classify the sentiment of the tweet.",
+] * 20
+
+LLAMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'system' %}{{ '<<SYS>>' + m['content'] + '<</SYS>>' }}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _train(model, pre_tokenizer, decoder, specials, vocab_size=400, alphabet=()):
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoder
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=list(alphabet), show_progress=False
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def gpt2_style_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE, no BOS added, pad == bos == eos == <|endoftext|>, ChatML template without BOS."""
+    tok = _train(
+        models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE (metaspace, byte fallback), BOS added by the post-processor, pad == eos, and a
+    Llama-2 chat template that renders BOS itself."""
+    tok = _train(
+        models.BPE(unk_token="<unk>", byte_fallback=True),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+        ["<unk>", "<s>", "</s>"],
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = LLAMA2_CHAT_TEMPLATE
+    return fast
+
+
+TOKENIZER_KINDS = ["embedded", "gpt2_style", "sentencepiece_style"]
+
+
+@pytest.fixture(scope="session")
+def tokenizers_by_kind() -> dict:
+    return {
+        "embedded": load_tokenizer("tiny"),
+        "gpt2_style": gpt2_style_tokenizer(),
+        "sentencepiece_style": sentencepiece_style_tokenizer(),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tokenizers_by_kind):
+    return tokenizers_by_kind["embedded"]

@@ -16,7 +16,8 @@ class AlignCLI(LightningCLI):
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> AlignCLI:
+def run(args: list[str] | None = None, run: bool = True) -> AlignCLI:
+    """Parse ``args`` (default: the command line) and, with ``run``, execute the subcommand; returns the CLI."""
     return AlignCLI(
         AlignModule,
         L.LightningDataModule,
@@ -24,7 +25,13 @@ def main(args: list[str] | None = None) -> AlignCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main() -> None:
+    """The ``lit-align`` console script."""
+    run()
 
 
 if __name__ == "__main__":

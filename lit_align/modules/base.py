@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.models import TINY, load_causal_lm, load_tokenizer
@@ -171,6 +172,14 @@ class AlignModule(L.LightningModule):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out
         return logits[:, -(input_ids.shape[1] - first_position) :]
+
+    def on_validation_epoch_start(self) -> None:
+        # Metric states reset under inference mode (by a previous trainer.validate) become inference tensors, which
+        # fit's validation loop (run under no_grad) cannot update in place: start each epoch from normal tensors.
+        with torch.inference_mode(False):
+            for metric in self.modules():
+                if isinstance(metric, Metric):
+                    metric.reset()
 
     # ----- optimisation -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

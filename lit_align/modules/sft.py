@@ -10,6 +10,13 @@ from lit_align.losses import sft_loss
 from lit_align.modules.base import AlignModule
 
 
+class Perplexity(MeanMetric):
+    """Perplexity: the exponent of the (token-weighted) mean negative log-likelihood."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
 class SFTModule(AlignModule):
     """Next-token cross-entropy on the response tokens (the tokens the DataModule labels).
 
@@ -20,7 +27,8 @@ class SFTModule(AlignModule):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.val_nll = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity()
         self.val_token_acc = MeanMetric()
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,11 +49,8 @@ class SFTModule(AlignModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, correct, n_tokens = self.compute_loss(batch)
-        self.val_nll.update(loss, weight=n_tokens)
+        self.val_loss.update(loss, weight=n_tokens)
+        self.val_ppl.update(loss, weight=n_tokens)
         self.val_token_acc.update(correct / n_tokens.clamp(min=1), weight=n_tokens)
-
-    def on_validation_epoch_end(self) -> None:
-        nll = self.val_nll.compute()  # synced across devices: the same value on every rank
-        self.log_dict({"val/loss": nll, "val/ppl": nll.exp(), "val/token_acc": self.val_token_acc.compute()})
-        self.val_nll.reset()
-        self.val_token_acc.reset()
+        # Metric objects: Lightning computes them once per epoch, synced over devices, and resets them.
+        self.log_dict({"val/loss": self.val_loss, "val/ppl": self.val_ppl, "val/token_acc": self.val_token_acc})

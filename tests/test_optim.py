@@ -1,0 +1,44 @@
+"""The default optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lit_align.optim import WarmupCosineLR, default_optimizer
+
+
+def test_default_optimizer_is_adamw_with_instructgpt_betas():
+    optimizer = default_optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_warmup_cosine_by_hand():
+    """10 steps, 2 warm-up: factors 1/3, 2/3, then cosine from 1 down to 0.1 over the remaining 8 steps."""
+    schedule = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2, 10, 0.1)
+    assert schedule.factor(0) == pytest.approx(1 / 3) and schedule.factor(1) == pytest.approx(2 / 3)
+    assert schedule.factor(2) == pytest.approx(1.0)
+    assert schedule.factor(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule.factor(10) == pytest.approx(0.1)
+
+
+def test_total_steps_filled_in_later_and_state_loads_weights_only():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = WarmupCosineLR(optimizer, warmup_steps=0.5)
+    assert optimizer.param_groups[0]["lr"] == 2.0  # no run length yet: constant
+    schedule.set_total_steps(4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 / 3)  # step 0 of a 2-step warm-up
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0))
+    fresh.load_state_dict(state)
+    assert fresh.total_steps == 4 and fresh.last_epoch == 3 and fresh.get_last_lr() == schedule.get_last_lr()

@@ -46,13 +46,13 @@ def test_plain_trainer_loss_falls_and_weights_change(tmp_path):
     dm = datamodule(module.tokenizer)
     t = trainer(tmp_path)
     before = t.validate(module, dm, verbose=False)[0]["val/loss"]
-    initial = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     t.fit(module, dm)
     after = t.validate(module, dm, verbose=False)[0]
     assert after["val/loss"] < before - 1.0
     assert after["val/ppl"] == pytest.approx(torch.tensor(after["val/loss"]).exp().item(), rel=1e-4)
     assert 0.0 <= after["val/token_acc"] <= 1.0
-    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, initial[k])]
+    changed = [k for k, v in module.model.state_dict().items() if not torch.equal(v, initial[k])]
     assert len(changed) == len(initial)
 
 
@@ -66,7 +66,7 @@ def test_export_loads_back_with_identical_logits(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
     batch = batch_of(module)
     assert tokenizer("Review: fine")["input_ids"] == module.tokenizer("Review: fine")["input_ids"]
-    assert torch.equal(logits_of(loaded, batch), logits_of(module.policy, batch))
+    assert torch.equal(logits_of(loaded, batch), logits_of(module.model, batch))
 
 
 def test_checkpoint_loads_back_weights_only(tmp_path):
@@ -79,7 +79,7 @@ def test_checkpoint_loads_back_weights_only(tmp_path):
     assert state["hyper_parameters"]["lr"] == 1e-3
     restored = SFTModule.load_from_checkpoint(path, weights_only=True)
     batch = batch_of(module)
-    assert torch.equal(logits_of(restored.policy, batch), logits_of(module.policy, batch))
+    assert torch.equal(logits_of(restored.model, batch), logits_of(module.model, batch))
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
@@ -89,7 +89,7 @@ def test_mixed_precision_on_cpu_trains_with_fp32_master_weights(tmp_path, precis
     t = trainer(tmp_path, max_steps=6, precision=precision)
     dm = datamodule(module.tokenizer)
     t.fit(module, dm)
-    assert all(p.dtype == torch.float32 for p in module.policy.parameters())
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
     assert torch.isfinite(torch.tensor(t.validate(module, dm, verbose=False)[0]["val/loss"]))
 
 
@@ -98,7 +98,7 @@ def test_only_response_positions_are_unembedded_and_the_loss_is_unchanged(tmp_pa
     module.configure_model()
     batch = batch_of(module)
     loss, _, n = module.compute_loss(batch)
-    logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     from lit_align.losses import sft_loss
 
     full_loss, _, full_n = sft_loss(logits, batch["labels"])
@@ -109,7 +109,7 @@ def test_residual_dropout_is_active_in_training_only():
     module = SFTModule(residual_dropout=0.2)
     module.configure_model()
     batch = batch_of(module)
-    policy = module.policy
+    policy = module.model
     policy.train()
     first = policy(input_ids=batch["input_ids"]).logits
     assert not torch.allclose(first, policy(input_ids=batch["input_ids"]).logits)
@@ -125,10 +125,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         module = SFTModule(gradient_checkpointing=checkpointing)
         module.configure_model()
-        module.policy.train()
+        module.model.train()
         loss, _, _ = module.compute_loss(batch_of(module))
         loss.backward()
-        grads.append(module.policy.model.embed_tokens.weight.grad.clone())
+        grads.append(module.model.model.embed_tokens.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
@@ -137,13 +137,13 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path):
     L.seed_everything(0)
     module = SFTModule(lr=1e-2, lora=LoRA(r=4, alpha=8, dropout=0.0))
     module.configure_model()
-    trainable = {n for n, p in module.policy.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     trainer(tmp_path, max_steps=4).fit(module, datamodule(module.tokenizer))
     module.export_hf(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     batch = batch_of(module)
-    assert torch.allclose(logits_of(merged, batch), logits_of(module.policy, batch), atol=1e-5)
+    assert torch.allclose(logits_of(merged, batch), logits_of(module.model, batch), atol=1e-5)
 
 
 def test_local_directory_and_prebuilt_module(tmp_path, tiny_tokenizer):
@@ -156,6 +156,6 @@ def test_local_directory_and_prebuilt_module(tmp_path, tiny_tokenizer):
     from_dir.configure_model()
     prebuilt = SFTModule(model=model, tokenizer=tiny_tokenizer)
     batch = batch_of(prebuilt)
-    assert torch.equal(logits_of(from_dir.policy, batch), logits_of(prebuilt.policy, batch))
+    assert torch.equal(logits_of(from_dir.model, batch), logits_of(prebuilt.model, batch))
     with pytest.raises(ValueError, match="needs its tokenizer"):
         SFTModule(model=model)

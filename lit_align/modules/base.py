@@ -127,22 +127,28 @@ class AlignModule(L.LightningModule):
         self.dtype_name, self.trust_remote_code = dtype, trust_remote_code
         self.gradient_checkpointing, self.lora, self.residual_dropout = gradient_checkpointing, lora, residual_dropout
         self.export_dir = export_dir
-        self.policy: nn.Module | None = None
+        self.model: nn.Module | None = None
         if isinstance(model, nn.Module):
-            self.policy = self._prepare_policy(model)
+            self.model = self._prepare_model(model)
 
     # ----- the policy -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Create the policy (called by the Trainer, inside the strategy's initialisation context)."""
-        if self.policy is None:
-            model = load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
-            self.policy = self._prepare_policy(model)
+        if self.model is None:
+            self.model = self._prepare_model(self.build_model())
 
-    def _prepare_policy(self, model: nn.Module) -> nn.Module:
+    def build_model(self) -> nn.Module:
+        """Load the network named by ``model`` (a causal LM here; the reward model overrides this)."""
+        return load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
+
+    def _prepare_model(self, model: nn.Module) -> nn.Module:
         if self.residual_dropout is not None:
             add_residual_dropout(model, self.residual_dropout)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
@@ -165,7 +171,7 @@ class AlignModule(L.LightningModule):
     ) -> torch.Tensor:
         """Logits ``[B, T - first_position, V]`` of ``model`` (the policy by default) for positions
         ``first_position`` onwards; the unembedding is skipped for earlier positions when the model supports it."""
-        model = model if model is not None else self.policy
+        model = model if model is not None else self.model
         kwargs: dict[str, Any] = {}
         if first_position > 0 and self._logits_to_keep:
             kwargs["logits_to_keep"] = input_ids.shape[1] - first_position
@@ -206,12 +212,12 @@ class AlignModule(L.LightningModule):
         ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full weights are
         gathered first; rank 0 writes."""
         path = Path(path)
-        model = self.policy
+        model = self.model
         state_dict = None
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload() if merge_lora else model
         elif self._trainer is not None:
-            prefix = "policy."
+            prefix = "model."
             full = self.trainer.strategy.lightning_module_state_dict()
             state_dict = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if self._trainer is None or self.trainer.is_global_zero:

@@ -1,0 +1,329 @@
+"""``PreferenceDataModule``: comparisons of responses to a prompt, for reward models and DPO.
+
+Every example is a prompt with K >= 2 responses and the pairs ``(better, worse)`` among them: a chosen/rejected pair
+is K = 2 with one pair; a ranking of K responses gives all C(K, 2) pairs (InstructGPT); scores give every pair whose
+scores differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.data.collate import pad_sequences, position_ids_from_mask
+from lit_align.data.instruction import resolve_sources
+from lit_align.data.sources import DataError, DataSource, Record
+from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
+from lit_align.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Comparison:
+    """A prompt's responses as ``(text segments, add_eos)`` and the ``(better, worse)`` index pairs among them."""
+
+    prompt: list[tuple[str, bool]]
+    responses: list[str]
+    pairs: list[tuple[int, int]]
+    chat: bool = False
+
+
+def split_shared_prefix(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
+    """Split two full dialogues that share their beginning at the last ``marker`` (an assistant-turn header such as
+    ``"\\n\\nAssistant:"``) inside the shared part: ``(prompt, chosen_response, rejected_response)``."""
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind(marker, 0, shared - len(marker) + 1 if shared < len(chosen) or shared < len(rejected) else shared)
+    if cut < 0:
+        return "", chosen, rejected
+    end = cut + len(marker)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
+    """All C(K, 2) ``(better, worse)`` pairs of a ranking given best first as response indices."""
+    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
+
+
+def score_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
+    """``(better, worse)`` pairs for every two responses whose scores differ (ties teach nothing)."""
+    k = len(scores)
+    return [(i, j) for i in range(k) for j in range(k) if scores[i] > scores[j]]
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference comparisons, tokenized with the prompt shared exactly by every response.
+
+    Row shapes (detected per row):
+
+    - explicit: ``{"prompt", "chosen", "rejected"}`` with strings, or with message lists (conversational: the
+      prompt's turns, and the chosen/rejected assistant turns), rendered with the chat template;
+    - implicit: ``{"chosen", "rejected"}`` full dialogues that share a prefix (Anthropic HH), split at the last
+      shared ``assistant_marker``; or two message lists, split after their shared turns;
+    - ranked: ``{"prompt", "responses": [...], "ranking": [best, ..., worst]}`` or ``"scores": [...]`` (higher is
+      better): K responses give all C(K, 2) pairs (InstructGPT).
+
+    Pairs whose responses are identical, or become identical or empty after truncation, are dropped and counted
+    (they only teach ln 2); so are responses that are empty. Malformed rows raise a ``DataError`` naming file, row and
+    field, or are skipped and counted with ``bad_rows="skip"``.
+
+    Args:
+        tokenizer: a tokenizer, or a name/path for :func:`~lit_align.models.load_tokenizer`; under ``lit-align`` it
+            follows the model's.
+        train_data: a local JSON/JSONL(.gz)/Parquet/CSV file, a list of them, a hub dataset id, a bundled sample
+            (``"bundled:<file>"``) or a list of dicts.
+        val_data: held-out comparisons in the same forms; if not given, ``val_fraction`` of the rows are held out.
+        val_fraction: fraction of training rows held out when ``val_data`` is not given.
+        assistant_marker: the assistant-turn header at which implicit text pairs are split.
+        max_length: longest prompt + response in tokens; longer ones are cut at the end.
+        max_prompt_length: longest prompt in tokens; longer prompts keep their last tokens (after any BOS), so the
+            response still follows the text it answers. ``None`` for no separate limit.
+        bad_rows: ``"error"`` stops at the first malformed row; ``"skip"`` drops and counts them.
+        batch_size: prompts per batch on each device (each brings its K responses).
+        num_workers: data-loader worker processes.
+        seed: seed for the validation split.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase = "tiny",
+        train_data: DataSource | list[str] = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz",
+        val_data: DataSource | list[str] | None = None,
+        val_fraction: float = 0.1,
+        assistant_marker: str = "\n\nAssistant:",
+        max_length: int = 1024,
+        max_prompt_length: int | None = None,
+        bad_rows: Literal["error", "skip"] = "error",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
+        self.assistant_marker = assistant_marker
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.bad_rows = bad_rows
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.encoder = SegmentEncoder(self.tokenizer)
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
+        self.stats: dict[str, Counter] = {}
+        self.train_dataset: list[dict[str, Any]] | None = None
+        self.val_dataset: list[dict[str, Any]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        train_records = resolve_sources(self.train_data)
+        if self.val_data is not None:
+            val_records = resolve_sources(self.val_data)
+        else:
+            order = list(range(len(train_records)))
+            random.Random(self.seed).shuffle(order)
+            held_out = set(order[: round(len(order) * self.val_fraction)])
+            val_records = [r for i, r in enumerate(train_records) if i in held_out]
+            train_records = [r for i, r in enumerate(train_records) if i not in held_out]
+        self.train_dataset = self.encode_records(train_records, "train")
+        self.val_dataset = self.encode_records(val_records, "val")
+        if not self.train_dataset:
+            raise ValueError(f"no usable training comparisons; counts: {dict(self.stats['train'])}")
+
+    # ----- parsing ----------------------------------------------------------------------------------------------
+    def parse(self, record: Record) -> Comparison:
+        """The comparison in ``record``, or a ``DataError`` naming what is wrong with it."""
+        row, where = record.row, record.where
+        if not isinstance(row, Mapping):
+            raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
+        if "responses" in row:
+            return self._ranked(row, where)
+        for name in ("chosen", "rejected"):
+            if name not in row:
+                raise DataError(where, name, "is missing (expected prompt/chosen/rejected, chosen/rejected or responses)")
+        chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+        if isinstance(chosen, list) or isinstance(rejected, list) or isinstance(prompt, list):
+            return self._conversational(prompt, chosen, rejected, where)
+        chosen = check_text(chosen, where, "chosen")
+        rejected = check_text(rejected, where, "rejected")
+        if prompt is None:
+            prompt, chosen, rejected = split_shared_prefix(chosen, rejected, self.assistant_marker)
+            if not prompt:
+                raise DataError(where, "chosen", f"shares no {self.assistant_marker!r} turn with 'rejected' to split at")
+        else:
+            prompt = check_text(prompt, where, "prompt")
+        return Comparison([(prompt, False)], [chosen, rejected], [(0, 1)])
+
+    def _ranked(self, row: Mapping[str, Any], where: str) -> Comparison:
+        prompt = check_text(row.get("prompt"), where, "prompt")
+        responses = row["responses"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise DataError(where, "responses", "must be a list of at least two responses")
+        responses = [check_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
+        k = len(responses)
+        if "ranking" in row:
+            ranking = row["ranking"]
+            if not isinstance(ranking, list) or sorted(ranking) != list(range(k)):
+                raise DataError(where, "ranking", f"must list each of the {k} response indices once, best first")
+            pairs = ranking_pairs(ranking)
+        elif "scores" in row:
+            scores = row["scores"]
+            if not isinstance(scores, list) or len(scores) != k or not all(isinstance(s, (int, float)) for s in scores):
+                raise DataError(where, "scores", f"must be a list of {k} numbers, one per response")
+            pairs = score_pairs(scores)
+        else:
+            raise DataError(where, "ranking", "is missing: ranked rows need 'ranking' (best first) or 'scores'")
+        return Comparison([(prompt, False)], responses, pairs)
+
+    def _conversational(self, prompt: Any, chosen: Any, rejected: Any, where: str) -> Comparison:
+        if prompt is None:  # implicit: the shared leading turns are the prompt
+            chosen = check_messages(chosen, where, "chosen")
+            rejected = check_messages(rejected, where, "rejected")
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+                shared += 1
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        else:
+            prompt = check_messages([*prompt, {"role": "assistant", "content": ""}], where, "prompt")[:-1]
+        turns = []
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(reply, str):
+                reply = [{"role": "assistant", "content": reply}]
+            if not isinstance(reply, list) or len(reply) != 1:
+                raise DataError(where, name, "must be one assistant turn (a string or a one-message list)")
+            turns.append(check_messages([*prompt, *reply], where, name)[-1])
+        rendered = [chat_segments(self.tokenizer, [*prompt, turn], where) for turn in turns]
+        prompt_text = "".join(text for text, trainable in rendered[0][:-1])
+        responses = []
+        for segments in rendered:
+            if "".join(text for text, _ in segments[:-1]) != prompt_text or not segments[-1][1]:
+                raise DataError(where, "chosen", "the chat template renders the shared prompt differently per response")
+            responses.append(segments[-1][0])
+        return Comparison([(prompt_text, False)], responses, [(0, 1)], chat=True)
+
+    # ----- tokenizing -------------------------------------------------------------------------------------------
+    def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, Any]]:
+        """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]``."""
+        counts = self.stats[split] = Counter(rows=len(records))
+        examples = []
+        for record in records:
+            try:
+                comparison = self.parse(record)
+            except DataError as error:
+                if self.bad_rows == "error":
+                    raise
+                counts["skipped_bad_row"] += 1
+                log.warning("skipping bad row: %s", error)
+                continue
+            example = self.encode(comparison, counts)
+            if example is not None:
+                examples.append(example)
+        counts["examples"] = len(examples)
+        counts["pairs"] = sum(len(e["pairs"]) for e in examples)
+        if records:
+            rank_zero_info(f"lit_align {split} preference data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        return examples
+
+    def encode(self, comparison: Comparison, counts: Counter) -> dict[str, Any] | None:
+        """``{"prompt_ids", "response_ids": [K lists], "pairs"}``; ``None`` (counted) if no usable pair is left."""
+        if len(set(comparison.responses)) < len(comparison.responses) and all(
+            comparison.responses[a] == comparison.responses[b] for a, b in comparison.pairs
+        ):
+            counts["dropped_identical"] += 1
+            return None
+        prompt_ids = self.encoder.encode(comparison.prompt, add_eos=False).input_ids
+        if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
+            keep = len(self.encoder.prefix)
+            prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (self.max_prompt_length - keep) :]
+            counts["prompt_truncated"] += 1
+        budget = self.max_length - len(prompt_ids)
+        eos = self.tokenizer.eos_token_id
+        response_ids = []
+        for text in comparison.responses:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+            if ids and not comparison.chat and ids[-1] != eos:
+                ids.append(eos)
+            if len(ids) > budget:
+                counts["truncated"] += 1
+                ids = ids[: max(budget, 0)]
+            response_ids.append(ids)
+        pairs = []
+        for better, worse in comparison.pairs:
+            if comparison.responses[better] == comparison.responses[worse]:
+                counts["dropped_identical"] += 1
+            elif not response_ids[better] or not response_ids[worse]:
+                counts["dropped_empty_after_truncation"] += 1
+            elif response_ids[better] == response_ids[worse]:
+                counts["dropped_identical_after_truncation"] += 1
+            else:
+                pairs.append((better, worse))
+        if not pairs:
+            return None
+        return {"prompt_ids": prompt_ids, "response_ids": response_ids, "pairs": pairs}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset or [], batch_size=self.batch_size, shuffle=False, collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+
+@dataclass
+class PreferenceCollator:
+    """Flattens a batch of comparisons into one padded batch of prompt+response sequences, each forwarded once.
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels`` (response tokens only) of shape
+    ``[N, T]`` for the N responses of the batch, and ``better``, ``worse``, ``group`` of shape ``[P]``: for each
+    pair, the rows of its better and worse response and the index of its prompt in the batch.
+
+    Args:
+        pad_token_id: id written at pad positions.
+        padding_side: ``"right"`` or ``"left"``.
+    """
+
+    pad_token_id: int
+    padding_side: Literal["right", "left"] = "right"
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, labels, better, worse, group = [], [], [], [], []
+        for g, example in enumerate(examples):
+            offset = len(sequences)
+            prompt = list(example["prompt_ids"])
+            for response in example["response_ids"]:
+                sequences.append(prompt + list(response))
+                labels.append([IGNORE_INDEX] * len(prompt) + list(response))
+            for b, w in example["pairs"]:
+                better.append(offset + b)
+                worse.append(offset + w)
+                group.append(g)
+        input_ids = pad_sequences(sequences, self.pad_token_id, self.padding_side)
+        attention_mask = pad_sequences([[1] * len(s) for s in sequences], 0, self.padding_side)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask),
+            "labels": pad_sequences(labels, IGNORE_INDEX, self.padding_side),
+            "better": torch.tensor(better, dtype=torch.long),
+            "worse": torch.tensor(worse, dtype=torch.long),
+            "group": torch.tensor(group, dtype=torch.long),
+        }

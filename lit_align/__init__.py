@@ -1,9 +1,19 @@
 """lit_align: post-training alignment of language models (SFT, reward models, PPO, DPO, GRPO) on PyTorch Lightning."""
 
-from lit_align.data import InstructionDataModule
+from lit_align.data import InstructionDataModule, PreferenceDataModule
 from lit_align.models import load_causal_lm, load_tokenizer
-from lit_align.modules import AlignModule, LoRA, SFTModule
+from lit_align.modules import AlignModule, LoRA, RewardModule, RewardScorer, SFTModule
 
 __version__ = "0.1.0"
 
-__all__ = ["AlignModule", "InstructionDataModule", "LoRA", "SFTModule", "load_causal_lm", "load_tokenizer"]
+__all__ = [
+    "AlignModule",
+    "InstructionDataModule",
+    "LoRA",
+    "PreferenceDataModule",
+    "RewardModule",
+    "RewardScorer",
+    "SFTModule",
+    "load_causal_lm",
+    "load_tokenizer",
+]

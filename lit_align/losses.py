@@ -6,6 +6,7 @@ Shapes: ``B`` batch, ``T`` sequence length, ``V`` vocabulary.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lit_align.data.tokenize import IGNORE_INDEX
 
@@ -79,3 +80,56 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     with torch.no_grad():
         correct = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask
     return loss, correct.sum(), n_tokens
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Bradley-Terry pairwise loss of a reward model (Ouyang et al. 2022, eq. 1; Llama 2's optional margin).
+
+    ``loss = -log sigmoid(r_chosen - r_rejected - margin)``, per pair, in fp32 whatever the input dtype; finite for
+    any finite rewards (``logsigmoid`` never takes the log of an underflowed sigmoid).
+
+    Args:
+        chosen_rewards: ``[P]`` rewards of the preferred responses.
+        rejected_rewards: ``[P]`` rewards of the other responses.
+        margin: ``[P]`` or scalar margin the chosen reward should exceed the rejected by; ``None`` for none.
+
+    Returns:
+        ``[P]`` per-pair losses.
+    """
+    diff = chosen_rewards.float() - rejected_rewards.float()
+    if margin is not None:
+        diff = diff - torch.as_tensor(margin, dtype=torch.float32, device=diff.device)
+    return -F.logsigmoid(diff)
+
+
+def grouped_mean(values: torch.Tensor, group: torch.Tensor, n_groups: int | None = None) -> torch.Tensor:
+    """Mean of ``values [P]`` within each group, ``group [P]`` holding group indices ``0..G-1``; returns ``[G]``
+    (empty groups give 0)."""
+    n_groups = int(group.max()) + 1 if n_groups is None else n_groups
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, group, values)
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, group, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
+
+
+def kwise_bradley_terry_loss(
+    rewards: torch.Tensor,
+    better: torch.Tensor,
+    worse: torch.Tensor,
+    group: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """InstructGPT's K-wise reward loss: each prompt's K ranked responses give all C(K, 2) pairs; the Bradley-Terry
+    loss is averaged over a prompt's pairs, then over prompts, so every prompt weighs the same however large its K.
+
+    Args:
+        rewards: ``[N]`` one reward per response (each response forwarded once).
+        better, worse: ``[P]`` indices into ``rewards`` of each pair's preferred and other response.
+        group: ``[P]`` the prompt of each pair.
+
+    Returns:
+        the scalar loss.
+    """
+    pair_losses = bradley_terry_loss(rewards[better], rewards[worse], margin)
+    return grouped_mean(pair_losses, group).mean()

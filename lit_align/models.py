@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
 
 TINY = "tiny"
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -76,3 +84,24 @@ def load_causal_lm(
         model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
         return model.to(torch_dtype) if torch_dtype is not None else model
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(
+    name_or_path: str = TINY,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A transformer with its unembedding replaced by a projection to one scalar (InstructGPT's reward model).
+
+    ``"tiny"`` builds the preset; anything else (a causal LM such as an SFT export, or a reward model) is loaded with
+    ``AutoModelForSequenceClassification(num_labels=1)``: the LM head is dropped and a new scalar head is created
+    unless the checkpoint has one.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path == TINY:
+        model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
+        return model.to(torch_dtype) if torch_dtype is not None else model
+    return AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=1, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )

@@ -2,6 +2,7 @@
 
 from lit_align.data.collate import SFTCollator
 from lit_align.data.instruction import InstructionDataModule
+from lit_align.data.preference import PreferenceCollator, PreferenceDataModule
 from lit_align.data.sources import DataError, read_records
 from lit_align.data.templates import TemplateSet, load_templates
 from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder
@@ -10,6 +11,8 @@ __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "InstructionDataModule",
+    "PreferenceCollator",
+    "PreferenceDataModule",
     "SFTCollator",
     "SegmentEncoder",
     "TemplateSet",

@@ -47,7 +47,7 @@ def split_shared_prefix(chosen: str, rejected: str, marker: str) -> tuple[str, s
         if a != b:
             break
         shared += 1
-    cut = chosen.rfind(marker, 0, shared - len(marker) + 1 if shared < len(chosen) or shared < len(rejected) else shared)
+    cut = chosen.rfind(marker, 0, shared)  # the last marker lying wholly inside the shared part
     if cut < 0:
         return "", chosen, rejected
     end = cut + len(marker)

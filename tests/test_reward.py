@@ -11,7 +11,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, needs_shared
+from conftest import REPO, SHARED_DATA, TOKENIZER_KINDS, needs_shared
 
 from lit_align import PreferenceDataModule, RewardModule, RewardScorer
 from lit_align.data import IGNORE_INDEX, DataError, PreferenceCollator
@@ -72,7 +72,9 @@ def test_split_hh_dialogues_at_the_last_shared_assistant_turn():
 
 # ----- preference data -----------------------------------------------------------------------------------------
 @needs_shared
-def test_all_hh_rows_parse_with_counts(tiny_tokenizer):
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_all_hh_rows_parse_with_counts(tokenizers_by_kind, kind):
+    tiny_tokenizer = tokenizers_by_kind[kind]
     path = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
     dm = PreferenceDataModule(tiny_tokenizer, train_data=str(path), val_fraction=0.0, max_length=512)
     dm.setup()
@@ -88,7 +90,10 @@ def test_all_hh_rows_parse_with_counts(tiny_tokenizer):
     for example in dm.train_dataset:
         for response in example["response_ids"]:
             sequence = example["prompt_ids"] + response
-            assert sequence[: len(bos)] == bos and sequence.count(tiny_tokenizer.bos_token_id) == 1
+            if bos:
+                assert sequence[: len(bos)] == bos and sequence.count(tiny_tokenizer.bos_token_id) == 1
+            if len(sequence) < 512:
+                assert response[-1] == tiny_tokenizer.eos_token_id
     # The prompt as the tokenizer encodes it at inference is an exact prefix.
     first = dm.parse(Record("hh, row 1", rows[0]))
     assert dm.train_dataset[0]["prompt_ids"] == tiny_tokenizer(first.prompt[0][0])["input_ids"]
@@ -145,6 +150,15 @@ def test_identical_and_truncated_pairs_are_dropped_and_counted(tiny_tokenizer):
     assert counts["dropped_identical_after_truncation"] == 1
     assert counts["dropped_empty_after_truncation"] == 1
     assert counts["examples"] == 1
+
+
+def test_long_prompts_keep_bos_and_their_end(tiny_tokenizer):
+    row = {"prompt": "one two three four five six seven eight nine ten eleven twelve", "chosen": " a", "rejected": " b"}
+    dm = PreferenceDataModule(tiny_tokenizer, train_data=[row], val_fraction=0.0, max_prompt_length=4)
+    dm.setup()
+    full = tiny_tokenizer(row["prompt"])["input_ids"]
+    assert dm.train_dataset[0]["prompt_ids"] == full[:1] + full[-3:]
+    assert dm.stats["train"]["prompt_truncated"] == 1
 
 
 # ----- the reward model --------------------------------------------------------------------------------------------

@@ -24,15 +24,26 @@ def held_out_accuracy(data: str, epochs: int = 2, max_length: int = 256, seed: i
     module = RewardModule(lr=lr)
     dm = PreferenceDataModule(module.tokenizer, train_data=data, val_fraction=0.2, max_length=max_length, batch_size=16)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0,
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
     )
     before = trainer.validate(module, dm, verbose=False)[0]["val/accuracy"]
     start = time.perf_counter()
     trainer.fit(module, dm)
     after = trainer.validate(module, dm, verbose=False)[0]["val/accuracy"]
-    return {"untrained": before, "trained": after, "val_pairs": dm.stats["val"]["pairs"],
-            "train_pairs": dm.stats["train"]["pairs"], "fit_seconds": time.perf_counter() - start}
+    return {
+        "untrained": before,
+        "trained": after,
+        "val_pairs": dm.stats["val"]["pairs"],
+        "train_pairs": dm.stats["train"]["pairs"],
+        "fit_seconds": time.perf_counter() - start,
+    }
 
 
 if __name__ == "__main__":
@@ -45,5 +56,6 @@ if __name__ == "__main__":
     result = held_out_accuracy(args.data, args.epochs, args.max_length)
     print(
         f"HH held-out pairwise accuracy: untrained {result['untrained']:.3f} -> trained {result['trained']:.3f} "
-        f"({result['val_pairs']} held-out pairs, {result['train_pairs']} training pairs, fit {result['fit_seconds']:.0f}s)"
+        f"({result['val_pairs']} held-out pairs, {result['train_pairs']} training pairs, "
+        f"fit {result['fit_seconds']:.0f}s)"
     )

@@ -109,7 +109,9 @@ def grouped_mean(values: torch.Tensor, group: torch.Tensor, n_groups: int | None
     (empty groups give 0)."""
     n_groups = int(group.max()) + 1 if n_groups is None else n_groups
     sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, group, values)
-    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, group, torch.ones_like(values))
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, group, torch.ones_like(values)
+    )
     return sums / counts.clamp(min=1)
 
 

@@ -37,7 +37,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"``/``"float16"``/``"float32"`` (or a ``torch.dtype``) to a ``torch.dtype``; ``None`` stays ``None``."""
+    """A dtype name (``"bfloat16"``, ``"float16"``, ``"float32"``) or ``torch.dtype`` as a ``torch.dtype``; ``None``
+    stays ``None``."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:

@@ -52,8 +52,11 @@ def _train(model, pre_tokenizer, decoder, specials, vocab_size=400, alphabet=())
 def gpt2_style_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE, no BOS added, pad == bos == eos == <|endoftext|>, ChatML template without BOS."""
     tok = _train(
-        models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        models.BPE(),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoders.ByteLevel(),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
@@ -71,9 +74,12 @@ def sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
         decoders.Metaspace(replacement="▁", prepend_scheme="first"),
         ["<unk>", "<s>", "</s>"],
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
-                                   unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>", unk_token="<unk>"
+    )
     fast.chat_template = LLAMA2_CHAT_TEMPLATE
     return fast
 

@@ -43,10 +43,18 @@ def test_print_config_is_complete_yaml(capsys):
 
 
 def test_sft_config_trains_checkpoints_and_exports(tmp_path):
-    cli = run([
-        "fit", "-c", str(REPO / "configs" / "sft.yaml"), f"--trainer.default_root_dir={tmp_path}",
-        f"--model.export_dir={tmp_path / 'export'}", "--model.lr", "1e-3", *QUICK,
-    ])
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "sft.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.export_dir={tmp_path / 'export'}",
+            "--model.lr",
+            "1e-3",
+            *QUICK,
+        ]
+    )
     assert cli.trainer.global_step == 3
     assert cli.model.hparams.lr == 1e-3
     assert list(tmp_path.rglob("*.ckpt")) and (tmp_path / "export" / "model.safetensors").exists()
@@ -54,10 +62,20 @@ def test_sft_config_trains_checkpoints_and_exports(tmp_path):
 
 def test_user_subclass_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    cli = run([
-        "fit", "-c", str(REPO / "configs" / "sft.yaml"), "--model", "custom_module.MySFT", "--model.note", "hello",
-        f"--trainer.default_root_dir={tmp_path}", "--model.export_dir=null", *QUICK,
-    ])
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "sft.yaml"),
+            "--model",
+            "custom_module.MySFT",
+            "--model.note",
+            "hello",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.export_dir=null",
+            *QUICK,
+        ]
+    )
     assert type(cli.model).__name__ == "MySFT" and cli.model.note == "hello" and cli.model.steps_seen == 3
 
 
@@ -66,9 +84,20 @@ def test_console_script_runs_the_readme_command(tmp_path):
     """``lit-align fit -c configs/sft.yaml`` in a fresh process, as the README has it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        ["lit-align", "fit", "-c", "configs/sft.yaml", f"--trainer.default_root_dir={tmp_path}",
-         f"--model.export_dir={tmp_path / 'export'}", *QUICK],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            "lit-align",
+            "fit",
+            "-c",
+            "configs/sft.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.export_dir={tmp_path / 'export'}",
+            *QUICK,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lit_align train data: rows=" in result.stdout + result.stderr

@@ -94,7 +94,10 @@ def test_flan_templates_list_options_after_the_marker(tiny_tokenizer):
     templates = load_templates(FLAN)
     row = {"task": "sentiment", "text": "Great film.", "label": "positive"}
     rendered = templates.render(row, 0, "row 1", every_template=True)
-    assert rendered[0] == ("Great film.\nDid the reviewer like the movie?\n\nOPTIONS:\n- negative\n- positive", "positive")
+    assert rendered[0] == (
+        "Great film.\nDid the reviewer like the movie?\n\nOPTIONS:\n- negative\n- positive",
+        "positive",
+    )
     assert rendered[1] == ("Review: Great film.\n\nOPTIONS:\n- negative\n- positive\nAnswer:", " positive")
     topic = {"task": "topic", "text": "Stocks fell.", "label": "business", "choices": ["sports", "business"]}
     custom = load_templates(FLAN, options_marker="Choices:")
@@ -115,7 +118,9 @@ def test_templates_from_yaml_file_in_a_datamodule(tiny_tokenizer, tmp_path):
     path = tmp_path / "templates.yaml"
     path.write_text(yaml.safe_dump(FLAN))
     rows = [{"task": "sentiment", "text": f"film {i}", "label": "positive"} for i in range(4)]
-    dm = InstructionDataModule(tiny_tokenizer, train_data=rows, templates=str(path), every_template=True, val_fraction=0)
+    dm = InstructionDataModule(
+        tiny_tokenizer, train_data=rows, templates=str(path), every_template=True, val_fraction=0
+    )
     dm.setup()
     assert dm.stats["train"]["examples"] == 8
     assert all("OPTIONS:" in tiny_tokenizer.decode(e["input_ids"]) for e in dm.train_dataset)
@@ -129,7 +134,11 @@ BAD_ROWS = [
     ({"prompt": "q\ud800", "completion": "a"}, "prompt", "surrogate"),
     ({"instruction": "Do it.", "instances": [{"input": "x"}]}, "instances[0].output", "missing"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "unknown chat role"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages[1].role", "alternate"),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        "messages[1].role",
+        "alternate",
+    ),
     ({"messages": [{"role": "user", "content": "a"}]}, "messages", "no assistant turn"),
     ({"text": "what is this"}, None, "expected"),
     ("just a string", None, "named fields"),

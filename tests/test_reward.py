@@ -31,8 +31,10 @@ HH_ROW = {
 def test_bradley_terry_by_hand():
     """r_c - r_r = 1: -log sigmoid(1) = log(1 + e^-1); with margin 0.5: log(1 + e^-0.5); equal rewards: ln 2."""
     chosen, rejected = torch.tensor([1.0, 2.0, 0.3]), torch.tensor([0.0, 1.0, 0.3])
-    assert torch.allclose(bradley_terry_loss(chosen, rejected), torch.tensor(
-        [math.log1p(math.exp(-1)), math.log1p(math.exp(-1)), math.log(2)]))
+    assert torch.allclose(
+        bradley_terry_loss(chosen, rejected),
+        torch.tensor([math.log1p(math.exp(-1)), math.log1p(math.exp(-1)), math.log(2)]),
+    )
     assert bradley_terry_loss(chosen[:1], rejected[:1], margin=0.5).item() == pytest.approx(math.log1p(math.exp(-0.5)))
 
 
@@ -104,8 +106,10 @@ def test_record_shapes(tiny_tokenizer):
         {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"},
         HH_ROW,
         {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."},
-        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+        {
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
+        },
         {"prompt": "Rate:", "responses": [" a", " b", " c"], "ranking": [1, 2, 0]},
         {"prompt": "Rate:", "responses": [" a", " b", " c"], "scores": [1.0, 1.0, 3.0]},
     ]
@@ -130,8 +134,9 @@ def test_record_shapes(tiny_tokenizer):
     ],
 )
 def test_bad_preference_rows_are_named(tiny_tokenizer, row, field):
-    dm = PreferenceDataModule(tiny_tokenizer, train_data=[{"prompt": "q", "chosen": "a", "rejected": "b"}, row],
-                              val_fraction=0.0)
+    dm = PreferenceDataModule(
+        tiny_tokenizer, train_data=[{"prompt": "q", "chosen": "a", "rejected": "b"}, row], val_fraction=0.0
+    )
     with pytest.raises(DataError, match=rf"row 2, field '{field}'"):
         dm.setup()
 
@@ -171,8 +176,9 @@ def reward_module():
 
 
 def encode(module, prompt, response):
-    dm = PreferenceDataModule(module.tokenizer, train_data=[{"prompt": prompt, "chosen": response, "rejected": "x"}],
-                              val_fraction=0.0)
+    dm = PreferenceDataModule(
+        module.tokenizer, train_data=[{"prompt": prompt, "chosen": response, "rejected": "x"}], val_fraction=0.0
+    )
     dm.setup()
     e = dm.train_dataset[0]
     return e["prompt_ids"] + e["response_ids"][0]
@@ -192,7 +198,9 @@ def test_score_is_invariant_to_neighbours_and_padding_side(reward_module, pad_id
                 examples = [{"prompt_ids": s, "response_ids": [[]], "pairs": []} for s in [target, *neighbours]]
                 batch = PreferenceCollator(pad, side)(examples)
                 scores.append(reward_module.rewards(batch)[0])
-        alone = reward_module.rewards(PreferenceCollator(pad)([{"prompt_ids": target, "response_ids": [[]], "pairs": []}]))
+        alone = reward_module.rewards(
+            PreferenceCollator(pad)([{"prompt_ids": target, "response_ids": [[]], "pairs": []}])
+        )
     for score in scores:
         assert torch.allclose(score, alone[0], atol=1e-5)
 
@@ -210,7 +218,13 @@ def test_extreme_rewards_under_autocast_stay_finite(dtype):
     with torch.no_grad():
         module.model.score.weight.mul_(1e4)  # rewards in the thousands, differences far beyond fp16's exp range
     batch = PreferenceCollator(module.tokenizer.pad_token_id)(
-        [{"prompt_ids": encode(module, "Q:", " fine")[:3], "response_ids": [[40, 41], [42, 43, 44]], "pairs": [(0, 1), (1, 0)]}]
+        [
+            {
+                "prompt_ids": encode(module, "Q:", " fine")[:3],
+                "response_ids": [[40, 41], [42, 43, 44]],
+                "pairs": [(0, 1), (1, 0)],
+            }
+        ]
     )
     with torch.autocast("cpu", dtype=dtype):
         out = module.step(batch)
@@ -222,12 +236,21 @@ def test_extreme_rewards_under_autocast_stay_finite(dtype):
 
 def test_training_export_and_scorer_round_trip(tmp_path):
     L.seed_everything(0)
-    rows = [{"prompt": f"Q{i}: be polite.", "chosen": " Thank you kindly.", "rejected": " Go away, idiot."}
-            for i in range(24)]
+    rows = [
+        {"prompt": f"Q{i}: be polite.", "chosen": " Thank you kindly.", "rejected": " Go away, idiot."}
+        for i in range(24)
+    ]
     module = RewardModule(lr=3e-3, normalize=True, export_dir=str(tmp_path / "rm"))
     dm = PreferenceDataModule(module.tokenizer, train_data=rows, val_data=rows[:8], batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     module.configure_model()
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer.fit(module, dm)

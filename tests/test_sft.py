@@ -18,8 +18,15 @@ ROWS = [
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_steps=20, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
 

@@ -168,13 +168,17 @@ class InstructionDataModule(L.LightningDataModule):
                 return [None]
             return [([(text, trainable or self.train_on_prompt) for text, trainable in segments], False)]
         elif "prompt" in row or "completion" in row:
-            pairs = [(check_text(row.get("prompt"), where, "prompt"), check_text(row.get("completion"), where, "completion"))]
+            pairs = [
+                (check_text(row.get("prompt"), where, "prompt"), check_text(row.get("completion"), where, "completion"))
+            ]
         elif "instruction" in row:
             pairs = self._instruction_pairs(row, where)
         else:
             raise DataError(
-                where, None, f"has fields {sorted(row)}; expected 'messages', 'prompt'/'completion', or "
-                "'instruction'/'output' (or pass templates)"
+                where,
+                None,
+                f"has fields {sorted(row)}; expected 'messages', 'prompt'/'completion', or "
+                "'instruction'/'output' (or pass templates)",
             )
         return [self._pair_segments(prompt, completion, where) for prompt, completion in pairs]
 
@@ -214,12 +218,18 @@ class InstructionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.collator,
             num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.val_dataset or [], batch_size=self.batch_size, shuffle=False, collate_fn=self.collator,
+            self.val_dataset or [],
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
             num_workers=self.num_workers,
         )

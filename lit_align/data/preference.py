@@ -154,7 +154,9 @@ class PreferenceDataModule(L.LightningDataModule):
             return self._ranked(row, where)
         for name in ("chosen", "rejected"):
             if name not in row:
-                raise DataError(where, name, "is missing (expected prompt/chosen/rejected, chosen/rejected or responses)")
+                raise DataError(
+                    where, name, "is missing (expected prompt/chosen/rejected, chosen/rejected or responses)"
+                )
         chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
         if isinstance(chosen, list) or isinstance(rejected, list) or isinstance(prompt, list):
             return self._conversational(prompt, chosen, rejected, where)
@@ -163,7 +165,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if prompt is None:
             prompt, chosen, rejected = split_shared_prefix(chosen, rejected, self.assistant_marker)
             if not prompt:
-                raise DataError(where, "chosen", f"shares no {self.assistant_marker!r} turn with 'rejected' to split at")
+                raise DataError(
+                    where, "chosen", f"shares no {self.assistant_marker!r} turn with 'rejected' to split at"
+                )
         else:
             prompt = check_text(prompt, where, "prompt")
         return Comparison([(prompt, False)], [chosen, rejected], [(0, 1)])
@@ -277,13 +281,19 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.collator,
             num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.val_dataset or [], batch_size=self.batch_size, shuffle=False, collate_fn=self.collator,
+            self.val_dataset or [],
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
             num_workers=self.num_workers,
         )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-DataSource = Union[str, Sequence[Mapping[str, Any]]]
+DataSource = Union[str, Sequence[Mapping[str, Any]]]  # noqa: UP007 (a runtime alias jsonargparse reads)
 """A path to a local file, a sample file shipped with lit_align (``"bundled:<file name>"``), a hub dataset id
 (``"name"`` or ``"name:split"``), or a list of dicts."""
 

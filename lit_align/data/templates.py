@@ -129,7 +129,9 @@ class TemplateSet:
         return prompt.format(options=options, **values), template.completion.format(options=options, **values)
 
 
-def load_templates(spec: str | Path | Mapping[str, Any], options_marker: str = "OPTIONS:", seed: int = 0) -> TemplateSet:
+def load_templates(
+    spec: str | Path | Mapping[str, Any], options_marker: str = "OPTIONS:", seed: int = 0
+) -> TemplateSet:
     """A :class:`TemplateSet` from a YAML/JSON file path or a dict of the shape in the module docstring."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
@@ -141,6 +143,8 @@ def load_templates(spec: str | Path | Mapping[str, Any], options_marker: str = "
     for name, task in spec.items():
         if not isinstance(task, Mapping) or "templates" not in task:
             raise ValueError(f"templates for task {name!r} must be a mapping with a 'templates' list")
-        templates = [Template(prompt=t["prompt"], completion=t.get("completion", "{output}")) for t in task["templates"]]
+        templates = [
+            Template(prompt=t["prompt"], completion=t.get("completion", "{output}")) for t in task["templates"]
+        ]
         tasks[name] = TaskTemplates(templates, task.get("options"), task.get("options_field"))
     return TemplateSet(tasks, options_marker=options_marker, seed=seed)

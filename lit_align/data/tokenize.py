@@ -150,14 +150,17 @@ def chat_segments(
         before, after = render(messages[:i], True), render(messages[: i + 1], False)
         if not (before.startswith(done) and after.startswith(before)):
             raise DataError(
-                where, "messages", "the chat template does not render turns as prefixes of each other; cannot locate"
-                f" assistant turn {i}"
+                where,
+                "messages",
+                f"the chat template does not render turns as prefixes of each other; cannot locate assistant turn {i}",
             )
         segments += [(before[len(done) :], False), (after[len(before) :], True)]
         done = after
     rest = render(messages, False)
     if not rest.startswith(done):
-        raise DataError(where, "messages", "the chat template renders the whole conversation differently from its turns")
+        raise DataError(
+            where, "messages", "the chat template renders the whole conversation differently from its turns"
+        )
     if rest[len(done) :]:
         segments.append((rest[len(done) :], False))
     return segments

@@ -154,8 +154,11 @@ class AlignModule(L.LightningModule):
             from peft import LoraConfig, get_peft_model
 
             config = LoraConfig(
-                r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                target_modules=self.lora.target_modules, task_type="CAUSAL_LM",
+                r=self.lora.r,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=self.lora.dropout,
+                target_modules=self.lora.target_modules,
+                task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, config)
         self._logits_to_keep = _accepts(model, "logits_to_keep")

@@ -103,11 +103,14 @@ class RewardModule(AlignModule):
         rewards, diff = out["rewards"], out["diff"]
         self.log_dict(
             {
-                "train/loss": out["loss"].detach(), "train/accuracy": (diff > 0).float().mean(),
-                "train/margin": diff.mean(), "train/reward_mean": rewards.mean(),
+                "train/loss": out["loss"].detach(),
+                "train/accuracy": (diff > 0).float().mean(),
+                "train/margin": diff.mean(),
+                "train/reward_mean": rewards.mean(),
                 "train/reward_std": rewards.std(unbiased=False),
             },
-            prog_bar=False, batch_size=len(diff),
+            prog_bar=False,
+            batch_size=len(diff),
         )
         return out["loss"]
 
@@ -120,8 +123,12 @@ class RewardModule(AlignModule):
         self.val_reward_std.update(out["rewards"])
         self.log("val/loss", out["loss"], batch_size=len(diff), sync_dist=True)
         self.log_dict(
-            {"val/accuracy": self.val_accuracy, "val/margin": self.val_margin,
-             "val/reward_mean": self.val_reward_mean, "val/reward_std": self.val_reward_std},
+            {
+                "val/accuracy": self.val_accuracy,
+                "val/margin": self.val_margin,
+                "val/reward_mean": self.val_reward_mean,
+                "val/reward_std": self.val_reward_std,
+            },
         )
 
     # ----- normalisation and export -----------------------------------------------------------------------------
@@ -133,7 +140,9 @@ class RewardModule(AlignModule):
         self.model.eval()
         for batch in dataloader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            mean.update(sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]))
+            mean.update(
+                sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            )
         self.model.train(was_training)
         self.reward_offset.fill_(mean.compute())
         return float(self.reward_offset)

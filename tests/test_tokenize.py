@@ -8,7 +8,7 @@ import pytest
 from conftest import SHARED_DATA, TOKENIZER_KINDS, needs_shared
 
 from lit_align.data import IGNORE_INDEX, InstructionDataModule, SegmentEncoder, SFTCollator
-from lit_align.data.instruction import resolve_sources
+from lit_align.data.base import resolve_sources
 from lit_align.data.sources import Record, read_records
 from lit_align.data.tokenize import special_prefix
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.data.base import RecordsDataModule
 from lit_align.data.collate import SFTCollator
-from lit_align.data.sources import DataError, DataSource, Record, read_records
+from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.templates import alpaca_prompt, load_templates
 from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
 from lit_align.models import load_tokenizer
@@ -27,14 +25,7 @@ Example = tuple[Segments, bool]
 assistant turns with their own end-of-turn token)."""
 
 
-def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
-    """Records from one source or a list of file paths / hub ids (read in order)."""
-    if isinstance(source, Sequence) and not isinstance(source, str) and all(isinstance(s, str) for s in source):
-        return [record for s in source for record in read_records(s)]
-    return read_records(source)
-
-
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(RecordsDataModule):
     """Instruction-tuning data, tokenized with the loss on the response only.
 
     Each row is one of these shapes (detected per row):
@@ -92,8 +83,6 @@ class InstructionDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
         self.templates = load_templates(templates, options_marker, seed) if templates is not None else None
@@ -106,26 +95,6 @@ class InstructionDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.collator = SFTCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.encoder = SegmentEncoder(self.tokenizer, max_length)
-        self.stats: dict[str, Counter] = {}
-        self.train_dataset: list[dict[str, list[int]]] | None = None
-        self.val_dataset: list[dict[str, list[int]]] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        train_records = resolve_sources(self.train_data)
-        if self.val_data is not None:
-            val_records = resolve_sources(self.val_data)
-        else:
-            order = list(range(len(train_records)))
-            random.Random(self.seed).shuffle(order)
-            held_out = set(order[: round(len(order) * self.val_fraction)])
-            val_records = [r for i, r in enumerate(train_records) if i in held_out]
-            train_records = [r for i, r in enumerate(train_records) if i not in held_out]
-        self.train_dataset = self.encode_records(train_records, "train")
-        self.val_dataset = self.encode_records(val_records, "val")
-        if not self.train_dataset:
-            raise ValueError(f"no usable training examples; counts: {dict(self.stats['train'])}")
 
     def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, list[int]]]:
         """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]``."""
@@ -215,21 +184,3 @@ class InstructionDataModule(L.LightningDataModule):
             segments = chat_segments(self.tokenizer, messages, where)
             return [(text, trainable or self.train_on_prompt) for text, trainable in segments], False
         return [(prompt, self.train_on_prompt), (completion, True)], True
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_dataset or [],
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )

@@ -8,20 +8,17 @@ scores differ.
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.data.base import RecordsDataModule
 from lit_align.data.collate import pad_sequences, position_ids_from_mask
-from lit_align.data.instruction import resolve_sources
 from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
 from lit_align.models import load_tokenizer
@@ -65,7 +62,7 @@ def score_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k) if scores[i] > scores[j]]
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(RecordsDataModule):
     """Preference comparisons, tokenized with the prompt shared exactly by every response.
 
     Row shapes (detected per row):
@@ -113,8 +110,6 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
         self.assistant_marker = assistant_marker
@@ -123,26 +118,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.encoder = SegmentEncoder(self.tokenizer)
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
-        self.stats: dict[str, Counter] = {}
-        self.train_dataset: list[dict[str, Any]] | None = None
-        self.val_dataset: list[dict[str, Any]] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        train_records = resolve_sources(self.train_data)
-        if self.val_data is not None:
-            val_records = resolve_sources(self.val_data)
-        else:
-            order = list(range(len(train_records)))
-            random.Random(self.seed).shuffle(order)
-            held_out = set(order[: round(len(order) * self.val_fraction)])
-            val_records = [r for i, r in enumerate(train_records) if i in held_out]
-            train_records = [r for i, r in enumerate(train_records) if i not in held_out]
-        self.train_dataset = self.encode_records(train_records, "train")
-        self.val_dataset = self.encode_records(val_records, "val")
-        if not self.train_dataset:
-            raise ValueError(f"no usable training comparisons; counts: {dict(self.stats['train'])}")
 
     # ----- parsing ----------------------------------------------------------------------------------------------
     def parse(self, record: Record) -> Comparison:
@@ -278,24 +253,6 @@ class PreferenceDataModule(L.LightningDataModule):
         if not pairs:
             return None
         return {"prompt_ids": prompt_ids, "response_ids": response_ids, "pairs": pairs}
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_dataset or [],
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
 
 
 @dataclass

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lit_align.data.sources import DataSource, Record, read_records
+from lit_align.data.sources import DataError, DataSource, Record, read_records
+
+log = logging.getLogger(__name__)
 
 
 def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
@@ -21,12 +25,13 @@ def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
 
 
 class RecordsDataModule(L.LightningDataModule):
-    """Base of the DataModules: subclasses set ``train_data``, ``val_data``, ``val_fraction``, ``seed``,
-    ``batch_size``, ``num_workers`` and ``collator``, and implement :meth:`encode_records`."""
+    """Base of the DataModules: subclasses set ``train_data``, ``val_data``, ``val_fraction``, ``bad_rows``, ``seed``,
+    ``batch_size``, ``num_workers`` and ``collator``, and implement :meth:`encode_record`."""
 
     train_data: DataSource | list[str]
     val_data: DataSource | list[str] | None
     val_fraction: float
+    bad_rows: str
     seed: int
     batch_size: int
     num_workers: int
@@ -38,9 +43,27 @@ class RecordsDataModule(L.LightningDataModule):
         self.train_dataset: list[dict[str, Any]] | None = None
         self.val_dataset: list[dict[str, Any]] | None = None
 
-    def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, Any]]:
-        """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]``."""
+    def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
+        """The tokenized examples of one row; raises ``DataError`` for a malformed row and counts what it drops."""
         raise NotImplementedError
+
+    def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, Any]]:
+        """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]`` (and logging the counts).
+        Malformed rows raise, or with ``bad_rows="skip"`` are skipped and counted."""
+        counts = self.stats[split] = Counter(rows=len(records))
+        examples = []
+        for index, record in enumerate(records):
+            try:
+                examples += self.encode_record(record, index, counts)
+            except DataError as error:
+                if self.bad_rows == "error":
+                    raise
+                counts["skipped_bad_row"] += 1
+                log.warning("skipping bad row: %s", error)
+        counts["examples"] = len(examples)
+        if records:
+            rank_zero_info(f"lit_align {split} data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        return examples
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import RecordsDataModule
@@ -16,8 +14,6 @@ from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.templates import alpaca_prompt, load_templates
 from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
 from lit_align.models import load_tokenizer
-
-log = logging.getLogger(__name__)
 
 Segments = list[tuple[str, bool]]
 Example = tuple[Segments, bool]
@@ -96,32 +92,19 @@ class InstructionDataModule(RecordsDataModule):
         self.collator = SFTCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.encoder = SegmentEncoder(self.tokenizer, max_length)
 
-    def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, list[int]]]:
-        """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]``."""
-        counts = self.stats[split] = Counter(rows=len(records))
+    def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, list[int]]]:
+        """The tokenized examples of one row (a Self-Instruct row can hold several), counting what is dropped."""
         examples = []
-        for index, record in enumerate(records):
-            try:
-                row_examples = self.record_examples(record, index)
-            except DataError as error:
-                if self.bad_rows == "error":
-                    raise
-                counts["skipped_bad_row"] += 1
-                log.warning("skipping bad row: %s", error)
+        for example in self.record_examples(record, index):
+            if example is None:
+                counts["dropped_empty_response"] += 1
                 continue
-            for example in row_examples:
-                if example is None:
-                    counts["dropped_empty_response"] += 1
-                    continue
-                encoded = self.encoder.encode(*example)
-                counts["truncated"] += encoded.truncated
-                if all(label == IGNORE_INDEX for label in encoded.labels):
-                    counts["dropped_empty_after_truncation"] += 1
-                    continue
-                examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
-        counts["examples"] = len(examples)
-        if records:
-            rank_zero_info(f"lit_align {split} data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+            encoded = self.encoder.encode(*example)
+            counts["truncated"] += encoded.truncated
+            if all(label == IGNORE_INDEX for label in encoded.labels):
+                counts["dropped_empty_after_truncation"] += 1
+                continue
+            examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
         return examples
 
     def record_examples(self, record: Record, index: int) -> list[Example | None]:

@@ -7,14 +7,12 @@ scores differ.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import RecordsDataModule
@@ -22,8 +20,6 @@ from lit_align.data.collate import pad_sequences, position_ids_from_mask
 from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
 from lit_align.models import load_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -195,35 +191,15 @@ class PreferenceDataModule(RecordsDataModule):
         return Comparison([(prompt_text, False)], responses, [(0, 1)], chat=True)
 
     # ----- tokenizing -------------------------------------------------------------------------------------------
-    def encode_records(self, records: Sequence[Record], split: str) -> list[dict[str, Any]]:
-        """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]``."""
-        counts = self.stats[split] = Counter(rows=len(records))
-        examples = []
-        for record in records:
-            try:
-                comparison = self.parse(record)
-            except DataError as error:
-                if self.bad_rows == "error":
-                    raise
-                counts["skipped_bad_row"] += 1
-                log.warning("skipping bad row: %s", error)
-                continue
-            example = self.encode(comparison, counts)
-            if example is not None:
-                examples.append(example)
-        counts["examples"] = len(examples)
-        counts["pairs"] = sum(len(e["pairs"]) for e in examples)
-        if records:
-            rank_zero_info(f"lit_align {split} preference data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-        return examples
+    def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
+        example = self.encode(self.parse(record), counts)
+        if example is None:
+            return []
+        counts["pairs"] += len(example["pairs"])
+        return [example]
 
     def encode(self, comparison: Comparison, counts: Counter) -> dict[str, Any] | None:
         """``{"prompt_ids", "response_ids": [K lists], "pairs"}``; ``None`` (counted) if no usable pair is left."""
-        if len(set(comparison.responses)) < len(comparison.responses) and all(
-            comparison.responses[a] == comparison.responses[b] for a, b in comparison.pairs
-        ):
-            counts["dropped_identical"] += 1
-            return None
         prompt_ids = self.encoder.encode(comparison.prompt, add_eos=False).input_ids
         if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
             keep = len(self.encoder.prefix)

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.collate import pad_sequences, position_ids_from_mask
 from lit_align.data.tokenize import SegmentEncoder
 from lit_align.losses import kwise_bradley_terry_loss
-from lit_align.models import load_reward_model
+from lit_align.models import load_reward_model, load_tokenizer
 from lit_align.modules.base import AlignModule
 
 OFFSET_KEY = "lit_align_reward_offset"
@@ -183,9 +183,7 @@ class RewardScorer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | None = None, trust_remote_code: bool = False, **kwargs):
         model = load_reward_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, getattr(model.config, OFFSET_KEY, 0.0), **kwargs)
 
     @torch.no_grad()

@@ -5,6 +5,8 @@ Shapes: ``B`` batch, ``T`` sequence length, ``V`` vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -135,3 +137,134 @@ def kwise_bradley_terry_loss(
     """
     pair_losses = bradley_terry_loss(rewards[better], rewards[worse], margin)
     return grouped_mean(pair_losses, group).mean()
+
+
+# ----- direct preference optimisation --------------------------------------------------------------------------------
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "simpo",
+)
+REFERENCE_FREE_LOSS_TYPES = ("simpo",)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    rpo_alpha: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO family of preference losses on summed response log-probabilities, in fp32 whatever the input dtype.
+
+    With ``h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))``
+    (Rafailov et al. 2023, eq. 7), the definitions follow TRL 1.16's ``DPOTrainer``:
+
+    - ``sigmoid`` (DPO): ``-log sigmoid(beta h)``; with ``label_smoothing = eps > 0`` conservative DPO (cDPO):
+      ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+    - ``hinge`` (SLiC, Zhao et al. 2023): ``relu(1 - beta h)``.
+    - ``ipo`` (Azar et al. 2023, eq. 17): ``(h' - 1 / (2 beta))^2`` with ``h'`` the per-token (length-normalised)
+      log-ratio difference.
+    - ``robust`` (rDPO, Chowdhury et al. 2024): the cDPO terms, de-biased by ``1 / (1 - 2 eps)``.
+    - ``exo_pair`` (Ji et al. 2024, eq. 16): reverse KL from ``softmax(beta h)`` to ``(1 - eps, eps)``;
+      needs ``eps > 0``.
+    - ``nca_pair`` (Chen et al. 2024), ``bco_pair`` (Jung et al. 2024, without the running reward shift),
+      ``sppo_hard`` (Wu et al. 2024), ``apo_zero`` / ``apo_down`` (D'Oosterlinck et al. 2024, eqs. 7-8),
+      ``discopop`` (Chan et al. 2024, eq. 5, temperature ``discopop_tau``), ``sigmoid_norm`` (``sigmoid`` on
+      length-normalised log-ratios).
+    - ``simpo`` (Meng et al. 2024, reference-free): ``-log sigmoid(beta (avg log pi(y_w) - avg log pi(y_l)) - gamma)``
+      on per-token average log-probs, target margin ``simpo_gamma``; cDPO-style ``label_smoothing`` as in TRL's CPO.
+
+    ``rpo_alpha`` adds ``rpo_alpha`` times the chosen response's per-token negative log-likelihood (RPO, Pang et al.
+    2024), averaged per example so that the loss does not depend on how examples are grouped into batches.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[P]`` summed log-probs of each pair's responses under the policy.
+        ref_chosen_logps, ref_rejected_logps: ``[P]`` the same under the reference; ``None`` for ``simpo``.
+        chosen_lengths, rejected_lengths: ``[P]`` response token counts; needed by ``ipo``, ``sigmoid_norm``,
+            ``simpo`` and ``rpo_alpha``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[P]`` fp32: per-pair losses, and the detached implicit
+        rewards ``beta (log pi - log pi_ref)`` (``beta`` times the average log-prob for ``simpo``).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    if loss_type in ("robust",) and not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    if loss_type == "exo_pair" and not 0 < label_smoothing < 1:
+        raise ValueError(f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (e.g. 1e-3), got {label_smoothing}")
+    needs_lengths = loss_type in ("ipo", "sigmoid_norm", "simpo") or rpo_alpha
+    if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"loss_type {loss_type!r} (or rpo_alpha) needs chosen_lengths and rejected_lengths")
+    chosen, rejected = policy_chosen_logps.float(), policy_rejected_logps.float()
+    if chosen_lengths is not None:
+        chosen_n = chosen_lengths.to(chosen.device, torch.float32).clamp(min=1)
+        rejected_n = rejected_lengths.to(chosen.device, torch.float32).clamp(min=1)
+    eps = label_smoothing
+
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        chosen_avg, rejected_avg = chosen / chosen_n, rejected / rejected_n
+        logits = beta * (chosen_avg - rejected_avg) - simpo_gamma
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        chosen_rewards, rejected_rewards = beta * chosen_avg, beta * rejected_avg
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
+        chosen_ratio = chosen - ref_chosen_logps.float()
+        rejected_ratio = rejected - ref_rejected_logps.float()
+        delta = chosen_ratio - rejected_ratio
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+        if loss_type == "sigmoid":
+            losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+        elif loss_type == "hinge":
+            losses = torch.relu(1 - beta * delta)
+        elif loss_type == "ipo":
+            losses = (chosen_ratio / chosen_n - rejected_ratio / rejected_n - 1 / (2 * beta)) ** 2
+        elif loss_type == "robust":
+            losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+        elif loss_type == "exo_pair":
+            logits = beta * delta
+            losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps)) + torch.sigmoid(-logits) * (
+                F.logsigmoid(-logits) - math.log(eps)
+            )
+        elif loss_type == "nca_pair":
+            losses = (
+                -F.logsigmoid(chosen_rewards)
+                - 0.5 * F.logsigmoid(-chosen_rewards)
+                - 0.5 * F.logsigmoid(-rejected_rewards)
+            )
+        elif loss_type == "bco_pair":
+            losses = -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+        elif loss_type == "sppo_hard":
+            losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+        elif loss_type == "apo_zero":
+            losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
+        elif loss_type == "apo_down":
+            losses = torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(beta * delta)
+        elif loss_type == "discopop":
+            logits = beta * delta
+            modulation = torch.sigmoid(logits / discopop_tau)
+            losses = -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+        else:  # sigmoid_norm
+            losses = -F.logsigmoid(beta * (chosen_ratio / chosen_n - rejected_ratio / rejected_n))
+    if rpo_alpha:
+        losses = losses + rpo_alpha * (-chosen / chosen_n)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()

@@ -2,12 +2,13 @@
 
 from lit_align.data import InstructionDataModule, PreferenceDataModule
 from lit_align.models import load_causal_lm, load_tokenizer
-from lit_align.modules import AlignModule, LoRA, RewardModule, RewardScorer, SFTModule
+from lit_align.modules import AlignModule, DPOModule, LoRA, RewardModule, RewardScorer, SFTModule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlignModule",
+    "DPOModule",
     "InstructionDataModule",
     "LoRA",
     "PreferenceDataModule",

@@ -42,6 +42,82 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return picked - lse.view(picked.shape)
 
 
+_LOGIT_BUDGET = 1 << 24  # elements of a [rows, V] logits tile: 64 MiB in fp32
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """Gathered log-softmax of ``hidden @ weight.T + bias``, computed a tile of rows at a time; the backward recomputes
+    each tile's logits instead of saving them, so neither the ``[M, V]`` logits nor a ``[M, V]`` fp32 log-softmax is
+    ever held (only the ``[M]`` log-sum-exps)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, rows):
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        lse, picked = [], []
+        for start in range(0, h.shape[0], rows):
+            logits = F.linear(h[start : start + rows], w, b).to(acc)
+            lse.append(torch.logsumexp(logits, -1))
+            picked.append(logits.gather(-1, targets[start : start + rows, None]).squeeze(-1))
+        lse = torch.cat(lse) if lse else h.new_zeros(0, dtype=acc)
+        picked = torch.cat(picked) if picked else lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.compute_dtype, ctx.rows = compute_dtype, rows
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        h, w = hidden.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)
+        b = bias.to(ctx.compute_dtype) if bias is not None else None
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+        for start in range(0, h.shape[0], ctx.rows):
+            stop = start + ctx.rows
+            logits = F.linear(h[start:stop], w, b).to(acc)
+            # d(logit_target - lse)/d logits = onehot(target) - softmax, times the incoming gradient
+            grad_logits = -(logits - lse[start:stop, None]).exp_() * grad[start:stop, None]
+            grad_logits.scatter_add_(-1, targets[start:stop, None], grad[start:stop, None])
+            if grad_h is not None:
+                grad_h[start:stop] = (grad_logits.to(ctx.compute_dtype) @ w).to(hidden.dtype)
+            grad_w += grad_logits.t() @ h[start:stop].to(acc)
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0)
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
+        grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    budget: int = _LOGIT_BUDGET,
+) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]``: the log-probability of each target token under an
+    unembedding, without materialising the ``[M, V]`` logits or their fp32 log-softmax, forward or backward.
+
+    Args:
+        hidden: ``[M, H]`` final hidden states at the positions that predict ``targets``.
+        weight: ``[V, H]`` unembedding (``lm_head.weight``); ``bias``: ``[V]`` or ``None``.
+        targets: ``[M]`` token ids.
+        budget: most logits elements computed at once.
+
+    Returns:
+        ``[M]`` fp32 log-probabilities (fp64 for fp64 inputs). The matmul runs in the autocast dtype when autocast
+        is on (else in the weight's dtype); the log-sum-exp always in fp32.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    rows = max(1, budget // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _LinearLogProbs.apply(hidden, weight, bias, targets, dtype, rows)
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities of ``labels`` under ``logits``.
 

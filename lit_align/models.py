@@ -33,6 +33,8 @@ TINY_CONFIG: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
+TINY_SEED = 0
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,11 +80,15 @@ def load_causal_lm(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A causal LM: ``"tiny"`` builds the embedded preset from its config (random weights, seeded by the caller);
-    anything else is loaded with ``AutoModelForCausalLM.from_pretrained`` (hub id or local directory)."""
+    """A causal LM: ``"tiny"`` builds the embedded preset from its config (random weights, the same on every call,
+    like a checkpoint's); anything else is loaded with ``AutoModelForCausalLM.from_pretrained`` (hub id or local
+    directory)."""
     torch_dtype = resolve_dtype(dtype)
     if name_or_path == TINY:
-        model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
+        # Fixed weights make "tiny" a model like any other: a reference re-created on resume equals the original.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
         return model.to(torch_dtype) if torch_dtype is not None else model
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
 
@@ -101,7 +107,9 @@ def load_reward_model(
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path == TINY:
-        model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
         return model.to(torch_dtype) if torch_dtype is not None else model
     return AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=1, dtype=torch_dtype, trust_remote_code=trust_remote_code

@@ -38,6 +38,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
 
 
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` boolean attention mask (True = may attend) for rows packing a prompt (segment 0) and several
+    responses (segments 1..K), padding -1: causal, and a response sees the prompt and its own earlier tokens only.
+    Every position also sees itself, so no softmax row is empty (padding rows stay finite)."""
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    visible = (seg_k == 0) | (seg_k == seg_q)
+    mask = causal & visible & (seg_k >= 0) | torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return mask[:, None]
+
+
 @dataclass
 class SFTCollator:
     """Pads ``{"input_ids", "labels"}`` examples into a batch with ``attention_mask`` and ``position_ids``.

@@ -1,7 +1,8 @@
 """The LightningModules, one per alignment method, on a thin shared base."""
 
 from lit_align.modules.base import AlignModule, LoRA
+from lit_align.modules.dpo import DPOModule
 from lit_align.modules.reward import RewardModule, RewardScorer
 from lit_align.modules.sft import SFTModule
 
-__all__ = ["AlignModule", "LoRA", "RewardModule", "RewardScorer", "SFTModule"]
+__all__ = ["AlignModule", "DPOModule", "LoRA", "RewardModule", "RewardScorer", "SFTModule"]

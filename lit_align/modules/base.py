@@ -17,6 +17,8 @@ from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.data.collate import packed_attention_mask
+from lit_align.losses import linear_log_probs, selective_log_softmax
 from lit_align.models import TINY, load_causal_lm, load_tokenizer
 from lit_align.optim import WarmupCosineLR, default_optimizer
 
@@ -69,9 +71,80 @@ def add_residual_dropout(model: nn.Module, p: float) -> int:
     return len(blocks)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _accepts(model: nn.Module, name: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
+    return name in inspect.signature(_unwrap(model).forward).parameters
+
+
+def backbone_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[rows, T, H]`` final hidden states of ``model``'s transformer (no unembedding) for a batch from
+    :class:`~lit_align.data.PreferenceCollator`: packed rows (``segment_ids``) get their block attention mask, other
+    rows their padding mask."""
+    lm = _unwrap(model)
+    if "segment_ids" in batch:
+        attention_mask = packed_attention_mask(batch["segment_ids"])
+        implementation = getattr(lm.config, "_attn_implementation", "sdpa") or "sdpa"
+        if implementation == "eager":  # eager attention adds the mask to the scores
+            dtype = next(lm.parameters()).dtype
+            attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+                ~attention_mask, torch.finfo(dtype).min
+            )
+        elif implementation != "sdpa":
+            raise ValueError(
+                f"share_prompt needs an attention implementation that takes a custom mask (sdpa or eager); this "
+                f"model uses {implementation!r}. Set share_prompt: false on the DataModule."
+            )
+    else:
+        attention_mask = batch["attention_mask"]
+    out = lm.base_model(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask,
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    return out[0]
+
+
+def _logit_transform(config: Any) -> tuple[float | None, float]:
+    """``(final_logit_softcapping, logit_scale)`` that some families apply after the unembedding (Gemma 2/3,
+    Cohere, Granite, ...), read the way their ``forward`` reads them."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = 1 / config.logits_scaling
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def unembedding_logps(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[M]`` fp32 log-probabilities of ``targets [M]`` given the final hidden states ``[M, H]`` that predict them,
+    through ``model``'s unembedding; tiled (:func:`~lit_align.losses.linear_log_probs`) for a plain linear head."""
+    lm = _unwrap(model)
+    head = lm.get_output_embeddings()
+    softcap, scale = _logit_transform(lm.config)
+    weight = getattr(head, "weight", None)
+    plain = isinstance(head, nn.Linear) and type(weight) is nn.Parameter and weight.dim() == 2 and weight.numel() > 0
+    if plain and softcap is None and scale == 1.0:
+        return linear_log_probs(hidden, weight, targets, head.bias)
+    # Sharded (ZeRO-3, DTensor) or transformed heads: call the module, which gathers its own weights.
+    logits = head(hidden) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return selective_log_softmax(logits, targets)
+
+
+def response_logps(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[N]`` summed fp32 log-probability ``log pi(y|x)`` of each response in a
+    :class:`~lit_align.data.PreferenceCollator` batch. The unembedding runs only at the positions that predict
+    response tokens."""
+    hidden = backbone_hidden_states(model, batch)
+    token_logps = unembedding_logps(model, hidden[batch["target_row"], batch["target_col"]], batch["target_id"])
+    n = batch["response_lengths"].shape[0]
+    return token_logps.new_zeros(n).index_add(0, batch["target_response"], token_logps)
 
 
 class AlignModule(L.LightningModule):
@@ -185,9 +258,10 @@ class AlignModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # Metric states reset under inference mode (by a previous trainer.validate) become inference tensors, which
         # fit's validation loop (run under no_grad) cannot update in place: start each epoch from normal tensors.
+        # Only validation metrics (named val*): training metrics may be mid-epoch.
         with torch.inference_mode(False):
-            for metric in self.modules():
-                if isinstance(metric, Metric):
+            for name, metric in self.named_modules():
+                if isinstance(metric, Metric) and name.startswith("val"):
                     metric.reset()
 
     # ----- optimisation -----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import SHARED_DATA, needs_shared
 from torch import nn
 
 from lit_align import DPOModule, LoRA, PreferenceDataModule
@@ -14,8 +15,6 @@ from lit_align.data import PreferenceCollator
 from lit_align.losses import sequence_logps
 from lit_align.modules.base import response_logps
 from lit_align.modules.dpo import weights_fingerprint
-
-from conftest import SHARED_DATA, needs_shared
 
 HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
 

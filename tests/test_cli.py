@@ -102,3 +102,30 @@ def test_console_script_runs_the_readme_command(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lit_align train data: rows=" in result.stdout + result.stderr
     assert (tmp_path / "export" / "config.json").exists()
+
+
+@pytest.mark.parametrize("reference", ["auto", "precomputed"])
+def test_dpo_config_trains_on_hh_and_exports(tmp_path, reference):
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "dpo.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.export_dir={tmp_path / 'export'}",
+            f"--model.reference={reference}",
+            f"--model.ref_cache_dir={tmp_path / 'cache'}",
+            *QUICK,
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    assert cli.datamodule.stats["train"]["pairs"] > 200  # the bundled Anthropic HH sample
+    logged = cli.trainer.callback_metrics
+    assert {
+        "train/loss",
+        "train/rewards/accuracies_step",
+        "train/rewards/margins_step",
+        "train/logps/chosen_step",
+    } <= set(logged)
+    assert (cli.model.ref_model is None) == (reference == "precomputed")
+    assert (tmp_path / "export" / "model.safetensors").exists()

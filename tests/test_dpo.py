@@ -253,3 +253,31 @@ def test_dpo_on_the_full_hh_file_raises_preference_accuracy(tmp_path):
     metrics = trainer.validate(module, data, verbose=False)[0]
     assert metrics["val/rewards/accuracies"] > 0.55
     assert metrics["val/rewards/margins"] > 0
+
+
+def test_precomputed_reference_also_serves_a_validate_only_run(tmp_path):
+    module = DPOModule(reference="precomputed", ref_cache_dir=str(tmp_path / "cache"))
+    data = make_data(module, rows=20)
+    data.val_fraction = 0.25
+    metrics = make_trainer(tmp_path, limit_val_batches=None).validate(module, data, verbose=False)[0]
+    assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-5)  # untrained policy == reference
+    assert all("ref_logps" in e for e in data.val_dataset)
+
+
+def test_precompute_after_loading_trained_weights_uses_the_real_reference(tmp_path):
+    """A trained checkpoint validated on its own: the loaded policy is not the reference, so the precomputation
+    re-creates the reference from its source instead of silently using the trained weights."""
+    module = DPOModule(lr=1e-2)
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, make_data(module))
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    restored = DPOModule.load_from_checkpoint(
+        tmp_path / "trained.ckpt", reference="precomputed", ref_cache_dir=str(tmp_path / "cache")
+    )
+    data = make_data(restored, rows=20)
+    data.val_fraction = 0.25
+    metrics = make_trainer(tmp_path, limit_val_batches=None).validate(restored, data, verbose=False)[0]
+    assert metrics["val/loss"] != pytest.approx(math.log(2), abs=1e-4)
+    live = DPOModule.load_from_checkpoint(tmp_path / "trained.ckpt")
+    expected = make_trainer(tmp_path, limit_val_batches=None).validate(live, data, verbose=False)[0]
+    assert metrics["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-5)

@@ -145,6 +145,9 @@ class DPOModule(AlignModule):
         # live one back in before a (strict) load.
         self.register_state_dict_post_hook(_drop_reference)
         self.register_load_state_dict_pre_hook(_keep_reference)
+        # Whether the policy may differ from its source: after any weight load or optimizer step it can no longer
+        # stand in for the reference when precomputing.
+        self._policy_changed = False
 
     # ----- the reference -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -198,22 +201,30 @@ class DPOModule(AlignModule):
 
     # ----- precomputed reference log-probs ---------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self._attach_reference_logps()
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.training and not self.trainer.sanity_checking:  # trainer.validate on its own
+            self._attach_reference_logps()
+
+    def _attach_reference_logps(self) -> None:
         if self.reference != "precomputed":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "train_dataset"):
-            raise RuntimeError("reference='precomputed' needs a PreferenceDataModule passed to trainer.fit")
+            raise RuntimeError("reference='precomputed' needs a PreferenceDataModule passed to the Trainer")
         self.precompute_reference(datamodule)
 
     @torch.no_grad()
     def precompute_reference(self, datamodule: Any) -> None:
-        """Attach ``ref_logps`` to every training and validation example of ``datamodule``, from the disk cache
-        when present, else by one forward-only pass of the reference (then cached). The reference is the starting
-        policy itself when training has not begun (no second copy), else it is re-created from its source."""
-        splits = {"train": datamodule.train_dataset, "val": datamodule.val_dataset or []}
+        """Attach ``ref_logps`` to every training and validation example of ``datamodule`` that lacks them, from
+        the disk cache when present, else by one forward-only pass of the reference (then cached). The reference is
+        the starting policy itself when training has not begun (no second copy), else it is re-created from its
+        source."""
+        splits = {"train": datamodule.train_dataset or [], "val": datamodule.val_dataset or []}
         reference, fingerprint = None, None
         for split, examples in splits.items():
-            if not examples:
+            if not examples or all("ref_logps" in e for e in examples):
                 continue
             if reference is None:
                 reference = self._reference_for_precompute()
@@ -237,7 +248,7 @@ class DPOModule(AlignModule):
             del reference
 
     def _reference_for_precompute(self) -> nn.Module:
-        if self.ref_model_name is None and self.trainer.global_step == 0 and self.trainer.ckpt_path is None:
+        if self.ref_model_name is None and not self._policy_changed:
             return self.model  # still the starting policy
         if self.ref_model_name is None and self.model_name_or_path is None:
             raise RuntimeError("cannot re-create the reference of a policy given as an nn.Module; pass ref_model")
@@ -312,6 +323,9 @@ class DPOModule(AlignModule):
                 metric.update(value)
             self.log(f"{stage}/{name}", metric, on_step=training, on_epoch=True, batch_size=pairs)
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self._policy_changed = True
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.compute_loss(batch)
         self._log_step("train", loss, values)
@@ -336,6 +350,7 @@ def _drop_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, 
 
 
 def _keep_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    module._policy_changed = True
     if getattr(module, "ref_model", None) is None:
         return
     for name, tensor in module.ref_model.state_dict().items():

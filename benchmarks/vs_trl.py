@@ -1,0 +1,320 @@
+"""lit_align against TRL on identical work: tokens/s and peak memory, as ratios measured in one run.
+
+    pip install -e ".[bench]"
+    python benchmarks/vs_trl.py                       # every case, 3 alternating repeats
+    python benchmarks/vs_trl.py --cases dpo --repeats 5
+
+Both sides load the same tiny Llama directory (built from a config and saved once), the same tokenizer and the
+same Anthropic HH rows (the bundled sample, split into prompt/chosen/rejected once, and kept only where
+prompt + response fits ``--max-length`` on both sides, so neither truncates), with the same batch size, precision
+(fp32) and thread count. Every measurement runs in a fresh process; lit_align and TRL alternate (A B, B A, ...);
+warm-up steps are discarded.
+
+Tokens/s counts the work as TRL's batches hold it: the real (non-pad) tokens of prompt+chosen plus
+prompt+rejected, however either side computes them. Peak memory is the peak resident set size during the timed
+steps minus the resident size when training starts (models and data already loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CASES = {
+    "dpo": "DPO, live reference",
+    "dpo_precomputed": "DPO, precomputed reference",
+}
+BUNDLED_HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
+
+
+# ----- measurement helpers (run inside the worker process) ------------------------------------------------------------
+class PeakRSS:
+    """Samples this process's resident set size every few milliseconds."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.002)
+
+    def start(self) -> None:
+        self.base = self.peak = self.now()
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.base
+
+
+class StepTimer:
+    """Wall time of each optimizer step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def summarize(times: list[float], tokens: list[int], warmup: int, memory: int) -> dict[str, Any]:
+    timed, counted = times[warmup:], tokens[warmup : len(times)]
+    return {
+        "tokens_per_s": sum(counted) / sum(timed),
+        "peak_rss_mb": memory / 2**20,
+        "steps": len(timed),
+        "tokens_per_step": sum(counted) / len(timed),
+        "seconds_per_step": sum(timed) / len(timed),
+    }
+
+
+# ----- the two workers ------------------------------------------------------------------------------------------------
+def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import lightning as L
+
+    from lit_align import DPOModule, PreferenceDataModule
+
+    timer, tokens, memory = StepTimer(), [], None
+    module = DPOModule(
+        model=str(workdir / "model"),
+        lr=1e-6,
+        reference="precomputed" if case == "dpo_precomputed" else "copy",
+        ref_cache_dir=str(workdir / f"cache-{os.getpid()}"),  # computed afresh, as TRL does
+    )
+    data = PreferenceDataModule(
+        module.tokenizer,
+        str(workdir / "pairs.jsonl"),
+        val_fraction=0.0,
+        max_length=args.max_length,
+        share_prompt=True,
+        batch_size=args.batch_size,
+    )
+    collate = data.collator
+
+    def counting_collator(examples):
+        # as TRL's batches hold them: the prompt once per response
+        tokens.append(
+            sum(len(e["prompt_ids"]) * len(e["response_ids"]) + sum(map(len, e["response_ids"])) for e in examples)
+        )
+        return collate(examples)
+
+    data.collator = counting_collator
+
+    class Measure(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal memory
+            memory = PeakRSS()
+            memory.start()
+
+        def on_train_batch_start(self, *_):
+            timer.begin()
+
+        def on_train_batch_end(self, *_):
+            timer.end()
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="32-true",
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[Measure()],
+    )
+    trainer.fit(module, data)
+    return summarize(timer.times, tokens, args.warmup, memory.stop())
+
+
+def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    timer, tokens, memory = StepTimer(), [], None
+    rows = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    config = DPOConfig(
+        output_dir=str(workdir / f"trl-{os.getpid()}"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6,
+        max_length=args.max_length,
+        precompute_ref_log_probs=case == "dpo_precomputed",
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL turns it on by default; lit_align does not: compare like with like
+    )
+
+    class Measure(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            nonlocal memory
+            memory = PeakRSS()
+            memory.start()
+
+        def on_step_begin(self, *_, **__):
+            timer.begin()
+
+        def on_step_end(self, *_, **__):
+            timer.end()
+
+    dataset = Dataset.from_list(rows)
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Measure()]
+    )
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    return summarize(timer.times, tokens, args.warmup, memory.stop())
+
+
+# ----- preparing the shared inputs and driving the workers ------------------------------------------------------------
+def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Save the tiny model directory and the rows both sides train on."""
+    from lit_align.data.preference import split_shared_prefix
+    from lit_align.data.sources import read_records
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    load_causal_lm("tiny", tokenizer).save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+    rows, prompt_tokens, all_tokens = [], 0, 0
+    for record in read_records(BUNDLED_HH):
+        prompt, chosen, rejected = split_shared_prefix(record.row["chosen"], record.row["rejected"], "\n\nAssistant:")
+        if not prompt or chosen == rejected or not chosen.strip() or not rejected.strip():
+            continue
+        n_prompt = len(tokenizer(prompt)["input_ids"])
+        n_chosen = len(tokenizer(chosen, add_special_tokens=False)["input_ids"]) + 1
+        n_rejected = len(tokenizer(rejected, add_special_tokens=False)["input_ids"]) + 1
+        if n_prompt + max(n_chosen, n_rejected) + 2 > args.max_length:
+            continue  # neither side truncates
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        prompt_tokens += 2 * n_prompt
+        all_tokens += 2 * n_prompt + n_chosen + n_rejected
+    with open(workdir / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return {"rows": len(rows), "prompt_share": prompt_tokens / all_tokens}
+
+
+def worker(impl: str, case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--cases",
+        case,
+        "--workdir",
+        str(workdir),
+        *("--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)),
+        *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} {case} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps discarded at the start of each run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=["lit_align", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        run = run_lit_align if args.worker == "lit_align" else run_trl
+        print(json.dumps(run(args.cases, Path(args.workdir), args)))
+        return
+
+    import lightning
+    import transformers
+    import trl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        info = prepare(workdir, args)
+        print(
+            f"# lit_align vs TRL {trl.__version__} | torch {torch.__version__}, lightning {lightning.__version__}, "
+            f"transformers {transformers.__version__} | {args.threads} threads, fp32, batch {args.batch_size}, "
+            f"max_length {args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repeats"
+        )
+        print(f"# {info['rows']} HH pairs; prompt tokens are {info['prompt_share']:.0%} of TRL's tokens")
+        header = f"{'case':30s} {'lit_align tok/s':>24s} {'TRL tok/s':>24s} {'speed ratio':>20s} {'memory ratio':>18s}"
+        print(header)
+        for case in args.cases.split(","):
+            results: dict[str, list[dict[str, Any]]] = {"lit_align": [], "trl": []}
+            for repeat in range(args.repeats):
+                order = ("lit_align", "trl") if repeat % 2 == 0 else ("trl", "lit_align")
+                for impl in order:
+                    results[impl].append(worker(impl, case, workdir, args))
+            ours = [r["tokens_per_s"] for r in results["lit_align"]]
+            theirs = [r["tokens_per_s"] for r in results["trl"]]
+            ratios = [a / b for a, b in zip(ours, theirs)]
+            mem_ratios = [
+                a["peak_rss_mb"] / max(b["peak_rss_mb"], 1e-9) for a, b in zip(results["lit_align"], results["trl"])
+            ]
+            mem = (
+                f"{statistics.median(r['peak_rss_mb'] for r in results['lit_align']):.0f} vs "
+                f"{statistics.median(r['peak_rss_mb'] for r in results['trl']):.0f} MB"
+            )
+            print(
+                f"{CASES[case]:30s} {spread(ours):>24s} {spread(theirs):>24s} "
+                f"{statistics.median(ratios):6.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
+                f"{statistics.median(mem_ratios):6.2f}x ({mem})"
+            )
+
+
+if __name__ == "__main__":
+    main()

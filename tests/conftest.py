@@ -99,3 +99,33 @@ def tokenizers_by_kind() -> dict:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tokenizers_by_kind):
     return tokenizers_by_kind["embedded"]
+
+
+# ----- the reliability summary (pytest -m reliability) ----------------------------------------------------------------
+RELIABILITY = {
+    "bad_inputs": 0,
+    "named_errors": 0,
+    "counted_skips": 0,
+    "faults": 0,
+    "survived": 0,
+    "resumes": 0,
+    "batches_lost": 0,
+    "batches_duplicated": 0,
+}
+
+
+@pytest.fixture
+def reliability() -> dict[str, int]:
+    """Counters that reliability tests add to; printed as one line at the end of the session."""
+    return RELIABILITY
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    r = RELIABILITY
+    if r["bad_inputs"] or r["faults"] or r["resumes"]:
+        terminalreporter.write_line(
+            f"reliability: {r['bad_inputs']} bad inputs tried ({r['named_errors']} named errors, "
+            f"{r['counted_skips']} counted skips); {r['faults']} faults injected, {r['survived']} survived; "
+            f"{r['resumes']} killed-and-resumed runs, {r['batches_lost']} batches lost, "
+            f"{r['batches_duplicated']} duplicated"
+        )

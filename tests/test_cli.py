@@ -62,6 +62,7 @@ def test_sft_config_trains_checkpoints_and_exports(tmp_path):
 
 def test_user_subclass_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("LIT_ALIGN_ALLOWED_IMPORTS", "custom_module")  # the user's own code, allowed explicitly
     cli = run(
         [
             "fit",

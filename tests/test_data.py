@@ -165,8 +165,9 @@ def test_bad_row_error_names_file_row_and_field(tiny_tokenizer, tmp_path, bad, f
 def test_invalid_json_line_is_named(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
+    assert len(read_records(str(path))) == 2  # read, and reported when used, so that it can also be skipped
     with pytest.raises(DataError, match=r"broken.jsonl, row 2: invalid JSON"):
-        read_records(str(path))
+        InstructionDataModule(train_data=str(path), val_fraction=0.0).setup()
 
 
 def test_collator_pads_right_with_positions():

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
-from lit_align.data.sources import DataError, DataSource, Record, read_records
+from lit_align.data.sources import DataError, DataSource, Record, UnreadableRow, read_records
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,72 @@ def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
     if isinstance(source, Sequence) and not isinstance(source, str) and all(isinstance(s, str) for s in source):
         return [record for s in source for record in read_records(s)]
     return read_records(source)
+
+
+class ResumableSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)`` and which can resume mid-epoch.
+
+    Lightning calls :meth:`set_epoch` at every epoch start; the DataModule counts the batches that reach the
+    training step (:meth:`consumed`), and the count is checkpointed with the loop state, so that a resumed run
+    continues with exactly the batch after the last one trained on: none replayed, none skipped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch, self.batches_done, self._resume_at = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done, self._resume_at = epoch, 0, 0
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        start, self._resume_at = self._resume_at * self.batch_size, 0
+        self.batches_done = start // self.batch_size
+        return iter(self.order()[start:])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def consumed(self) -> None:
+        self.batches_done += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("size") != self.size or state.get("seed") != self.seed:
+            raise ValueError(
+                f"cannot resume the data order: the checkpoint was taken on {state.get('size')} training examples "
+                f"with seed {state.get('seed')}, this run has {self.size} with seed {self.seed}"
+            )
+        epoch, done = state["epoch"], state["batches_done"]
+        if done >= -(-self.size // self.batch_size):  # saved after the epoch's last batch: resume at the next epoch
+            epoch, done = epoch + 1, 0
+        self.epoch, self.batches_done, self._resume_at = epoch, done, done
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position Lightning checkpoints (through ``state_dict``/``load_state_dict``)."""
+
+    def _resumable(self) -> ResumableSampler:
+        sampler = self.sampler  # under a distributed wrapper, ours is inside it
+        while not isinstance(sampler, ResumableSampler):
+            sampler = getattr(sampler, "sampler", None) or getattr(sampler, "_sampler", None)
+            if sampler is None:
+                raise TypeError("ResumableDataLoader needs a ResumableSampler")
+        return sampler
+
+    def state_dict(self) -> dict[str, int]:
+        return self._resumable().state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resumable().load_state_dict(state)
 
 
 class RecordsDataModule(L.LightningDataModule):
@@ -54,6 +121,8 @@ class RecordsDataModule(L.LightningDataModule):
         examples = []
         for index, record in enumerate(records):
             try:
+                if isinstance(record.row, UnreadableRow):
+                    raise DataError(record.where, None, record.row.problem)
                 examples += self.encode_record(record, index, counts)
             except DataError as error:
                 if self.bad_rows == "error":
@@ -85,13 +154,23 @@ class RecordsDataModule(L.LightningDataModule):
             raise ValueError(f"no usable training examples; counts: {dict(self.stats['train'])}")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        """Shuffled in an order fixed by ``seed`` and the epoch, and resumable mid-epoch from a checkpoint."""
+        self._sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed)
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self._sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout's), or a
+            # run resumed at an epoch boundary would see different dropout masks
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and getattr(self, "_sampler", None) is not None:
+            self._sampler.consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

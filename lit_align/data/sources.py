@@ -34,6 +34,13 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class UnreadableRow:
+    """Stands in for a line that could not be parsed; using it raises a :class:`DataError` with ``problem``."""
+
+    problem: str
+
+
+@dataclass(frozen=True)
 class Record:
     """One raw row and where it came from (``"path/to/file.jsonl, row 12"``; rows count from 1)."""
 
@@ -61,8 +68,8 @@ def _read_json(path: Path) -> list[Record]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, row {lineno}", None, f"invalid JSON: {e.msg}") from None
+        except json.JSONDecodeError as e:  # raised when the row is used, so that bad_rows="skip" can skip it
+            row = UnreadableRow(f"invalid JSON: {e.msg}")
         records.append(Record(f"{path}, row {lineno}", row))
     return records
 

@@ -87,12 +87,19 @@ class SegmentEncoder:
         return Encoded(input_ids, labels, truncated)
 
 
+MAX_TEXT_CHARS = 200_000  # far beyond any context window's worth of text: a larger field is a broken row
+
+
 def check_text(value: Any, where: str, field_name: str) -> str:
     """``value`` if it is usable text, else a :class:`DataError` naming ``where`` and ``field_name``."""
     if value is None:
         raise DataError(where, field_name, "is missing (None)")
     if not isinstance(value, str):
         raise DataError(where, field_name, f"must be a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise DataError(
+            where, field_name, f"is {len(value):,} characters long, over the {MAX_TEXT_CHARS:,} a field may have"
+        )
     if "\x00" in value:
         raise DataError(where, field_name, "contains a NUL character")
     try:

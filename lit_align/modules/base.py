@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
@@ -166,6 +169,10 @@ class AlignModule(L.LightningModule):
             ``None`` leaves the model as it is.
         trust_remote_code: allow hub models and tokenizers to run their own code. Off unless you trust the source.
         export_dir: write the trained policy here as a Hugging Face directory (safetensors) when fitting ends.
+        max_nonfinite_steps: optimizer steps whose gradients hold a NaN or infinity are skipped (no update, no
+            optimizer-state change) and counted; once more than this many were skipped, training stops with an
+            error naming the step and the batch. (Under ``16-mixed`` the gradient scaler's own overflow skips,
+            with a finite loss, are normal and not counted.)
     """
 
     def __init__(
@@ -181,6 +188,7 @@ class AlignModule(L.LightningModule):
         residual_dropout: float | None = None,
         trust_remote_code: bool = False,
         export_dir: str | None = None,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if isinstance(lora, Mapping):  # from a checkpoint's hyper-parameters
@@ -200,6 +208,10 @@ class AlignModule(L.LightningModule):
         self.dtype_name, self.trust_remote_code = dtype, trust_remote_code
         self.gradient_checkpointing, self.lora, self.residual_dropout = gradient_checkpointing, lora, residual_dropout
         self.export_dir = export_dir
+        self.max_nonfinite_steps, self.nonfinite_steps = max_nonfinite_steps, 0
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._current_batch: tuple[int, Any] | None = None
+        self._last_loss: torch.Tensor | None = None
         self.model: nn.Module | None = None
         if isinstance(model, nn.Module):
             self.model = self._prepare_model(model)
@@ -274,9 +286,78 @@ class AlignModule(L.LightningModule):
         for group in optimizer.param_groups:
             group["lr"] = self.lr
         scheduler = (self.lr_scheduler_factory or WarmupCosineLR)(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None and self._trainer is not None:
-            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # The run length is filled in here, not in configure_optimizers: asking for it there makes Lightning set up
+        # the training data before a checkpoint's data position is restored, and a resumed run would replay data.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+                scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+
+    # ----- numerical guard --------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._current_batch = (batch_idx, batch)
+        if self._rng_to_restore is not None:  # first step after a resume: continue the RNG streams exactly
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._last_loss = loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return
+        loss_finite = self._last_loss is None or bool(torch.isfinite(self._last_loss))
+        if loss_finite and str(self.trainer.precision) == "16-mixed":
+            return  # the gradient scaler skips this step and lowers its scale
+        for group in optimizer.param_groups:  # no gradient, no update: optimizers skip parameters without one
+            for p in group["params"]:
+                p.grad = None
+        self.nonfinite_steps += 1
+        batch_idx, batch = self._current_batch or (None, None)
+        where = (
+            f"step {self.trainer.global_step} (epoch {self.trainer.current_epoch}, batch {batch_idx}, "
+            f"fingerprint {batch_fingerprint(batch)})"
+        )
+        what = "loss" if not loss_finite else "gradient"
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"non-finite {what} at {where}: {self.nonfinite_steps} steps skipped, more than "
+                f"max_nonfinite_steps={self.max_nonfinite_steps}; stopping"
+            )
+        rank_zero_warn(f"non-finite {what} at {where}: step skipped ({self.nonfinite_steps} so far)")
+
+    # ----- checkpoint extras --------------------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool = True, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` (a checkpoint is data, never code) and an
+        error that names the file when it is refused or damaged."""
+        import pickle
+
+        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO
+
+        if not weights_only:
+            raise CheckpointError(f"{checkpoint_path}: lit_align loads checkpoints with weights_only=True only")
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
+        except (pickle.UnpicklingError, EOFError) as error:
+            raise SafeCheckpointIO.explain(checkpoint_path, error) from error
+        except RuntimeError as error:
+            if "zip archive" not in str(error) and "corrupted" not in str(error):
+                raise
+            raise SafeCheckpointIO.explain(checkpoint_path, error) from error
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_align"] = {"rng": _get_rng_states(), "nonfinite_steps": self.nonfinite_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extras = checkpoint.get("lit_align", {})
+        self.nonfinite_steps = extras.get("nonfinite_steps", 0)
+        self._rng_to_restore = extras.get("rng")
 
     # ----- export -----------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
@@ -303,3 +384,37 @@ class AlignModule(L.LightningModule):
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path
+
+
+def batch_fingerprint(batch: Any) -> str:
+    """A short hash of a batch's token ids (to name a batch in messages and compare runs), or ``"-"``."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, torch.Tensor):
+        return "-"
+    import hashlib
+
+    return hashlib.blake2b(ids.detach().cpu().numpy().tobytes(), digest_size=6).hexdigest()
+
+
+def _get_rng_states() -> dict[str, Any]:
+    """Every RNG stream a training step may draw from, in types ``torch.load(weights_only=True)`` accepts."""
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": (version, list(mt_state), gauss),
+        "numpy": (np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, mt_state, gauss = states["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = states["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -324,6 +324,7 @@ class DPOModule(AlignModule):
             self.log(f"{stage}/{name}", metric, on_step=training, on_epoch=True, batch_size=pairs)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
+        super().on_before_optimizer_step(optimizer)
         self._policy_changed = True
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

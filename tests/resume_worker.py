@@ -1,0 +1,77 @@
+"""A training run that records every step, checkpoints after every step, and can kill itself (SIGKILL) before a
+given step: the subject of the exact-resume tests. ``python resume_worker.py OUT CKPT_DIR KILL_AT [RESUME_CKPT]``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import lightning as L
+import torch
+
+from lit_align import DPOModule, InstructionDataModule, PreferenceDataModule, SFTModule
+from lit_align.data.sources import read_records
+from lit_align.modules.base import batch_fingerprint
+
+
+class Record(L.Callback):
+    def __init__(self, path: str, kill_at: int) -> None:
+        self.path, self.kill_at = path, kill_at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash, not a clean stop: nothing after this runs
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        row = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "batch_idx": batch_idx,
+            "batch": batch_fingerprint(batch),
+            "loss": float(outputs["loss"]).hex(),
+            "lr": float(self.lr).hex(),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    out, ckpt_dir, kill_at, method = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    resume = sys.argv[5] if len(sys.argv) > 5 else None
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    if method == "sft":
+        module = SFTModule(lr=3e-3, residual_dropout=0.1)  # dropout: the RNG stream must resume too
+        rows = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:40]]
+        data = InstructionDataModule(module.tokenizer, rows, val_fraction=0.0, max_length=96, batch_size=4)
+    else:
+        module = DPOModule(lr=3e-3)
+        rows = [r.row for r in read_records("bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz")[:22]]
+        data = PreferenceDataModule(
+            module.tokenizer, rows, val_fraction=0.0, max_length=128, share_prompt=True, batch_size=4
+        )
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Record(out, kill_at), checkpoints],
+    )
+    trainer.fit(module, data, ckpt_path=resume)
+    with open(out, "a") as f:
+        flat = torch.cat([v.flatten().float() for v in module.state_dict().values()])
+        digest = batch_fingerprint({"input_ids": flat})
+        f.write(json.dumps({"final_weights": digest, "nonfinite_steps": module.nonfinite_steps}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Reliability, shown as figures (``pytest -m reliability``): bad input, exact resume after a real kill, numerical
+guards, and safe loading. Each check feeds the summary line printed at the end of the session."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO
+
+from lit_align import DPOModule, InstructionDataModule, PreferenceDataModule, SFTModule
+from lit_align.checkpoint import CheckpointError
+from lit_align.cli import ImportRefused, run
+from lit_align.data import DataError
+from lit_align.models import load_causal_lm
+
+pytestmark = pytest.mark.reliability
+
+GOOD_INSTRUCTION = {"prompt": "Say hi.", "completion": "Hi."}
+GOOD_PREFERENCE = {"prompt": "Say hi.", "chosen": "Hi there.", "rejected": "Go away."}
+MILLION = "a" * 1_000_000
+
+# (name, row, the field the error must name); rows are written to a JSONL file after one good row.
+BAD_INSTRUCTION_ROWS = [
+    ("missing field", {"instruction": "Do it."}, None),
+    ("None", {"prompt": None, "completion": "x"}, "prompt"),
+    ("non-string", {"prompt": 5, "completion": "x"}, "prompt"),
+    ("unknown chat role", {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "messages[0].role"),
+    ("non-alternating turns", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                            {"role": "assistant", "content": "c"}]}, "messages[1].role"),
+    ("lone surrogate", {"prompt": "bad \ud800 text", "completion": "x"}, "prompt"),
+    ("NUL character", {"prompt": "a\x00b", "completion": "x"}, "prompt"),
+    ("one-million-character example", {"prompt": MILLION, "completion": "x"}, "prompt"),
+    ("not an object", ["prompt", "completion"], None),
+]  # fmt: skip
+BAD_PREFERENCE_ROWS = [
+    ("missing field", {"prompt": "p", "chosen": "a"}, "rejected"),
+    ("None", {"prompt": "p", "chosen": None, "rejected": "b"}, "chosen"),
+    ("non-string", {"prompt": "p", "chosen": 5, "rejected": "b"}, "chosen"),
+    ("unknown chat role", {"prompt": [{"role": "wizard", "content": "p"}], "chosen": "a", "rejected": "b"},
+     "prompt[0].role"),
+    ("lone surrogate", {"prompt": "p", "chosen": "a\udfff", "rejected": "b"}, "chosen"),
+    ("NUL character", {"prompt": "p\x00", "chosen": "a", "rejected": "b"}, "prompt"),
+    ("one-million-character example", {"prompt": "p", "chosen": MILLION, "rejected": "b"}, "chosen"),
+    ("ranking not a permutation", {"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}, "ranking"),
+]  # fmt: skip
+
+
+def _write(path: Path, good: dict, bad, raw_line: str | None = None) -> Path:
+    lines = [json.dumps(good), raw_line if raw_line is not None else json.dumps(bad)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    return path
+
+
+def _check_bad_row(make, path: Path, field: str | None, reliability) -> None:
+    reliability["bad_inputs"] += 1
+    with pytest.raises(DataError) as error:
+        make(path, "error").setup()
+    message = str(error.value)
+    assert f"{path}, row 2" in message
+    assert field is None or f"field {field!r}" in message
+    reliability["named_errors"] += 1
+    skipping = make(path, "skip")
+    skipping.setup()
+    assert skipping.stats["train"]["skipped_bad_row"] == 1 and skipping.stats["train"]["examples"] == 1
+    reliability["counted_skips"] += 1
+
+
+@pytest.mark.parametrize("name, row, field", BAD_INSTRUCTION_ROWS, ids=[c[0] for c in BAD_INSTRUCTION_ROWS])
+def test_bad_instruction_rows(tmp_path, tiny_tokenizer, reliability, name, row, field):
+    def make(path, bad_rows):
+        return InstructionDataModule(tiny_tokenizer, str(path), val_fraction=0.0, bad_rows=bad_rows)
+
+    _check_bad_row(make, _write(tmp_path / "data.jsonl", GOOD_INSTRUCTION, row), field, reliability)
+
+
+@pytest.mark.parametrize("name, row, field", BAD_PREFERENCE_ROWS, ids=[c[0] for c in BAD_PREFERENCE_ROWS])
+def test_bad_preference_rows(tmp_path, tiny_tokenizer, reliability, name, row, field):
+    def make(path, bad_rows):
+        return PreferenceDataModule(tiny_tokenizer, str(path), val_fraction=0.0, bad_rows=bad_rows)
+
+    _check_bad_row(make, _write(tmp_path / "data.jsonl", GOOD_PREFERENCE, row), field, reliability)
+
+
+def test_invalid_json_line(tmp_path, tiny_tokenizer, reliability):
+    def make(path, bad_rows):
+        return InstructionDataModule(tiny_tokenizer, str(path), val_fraction=0.0, bad_rows=bad_rows)
+
+    _check_bad_row(make, _write(tmp_path / "data.jsonl", GOOD_INSTRUCTION, None, '{"prompt": "x", '), None, reliability)
+
+
+def test_no_bad_row_reaches_the_loss(tmp_path, tiny_tokenizer, reliability):
+    """A file mixing good rows with every kind of bad one trains with finite losses on the good rows only."""
+    rows = [GOOD_PREFERENCE] * 4 + [row for _, row, _ in BAD_PREFERENCE_ROWS]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8", errors="surrogatepass")
+    module = DPOModule(lr=1e-2)
+    data = PreferenceDataModule(module.tokenizer, str(path), val_fraction=0.0, bad_rows="skip", batch_size=2)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              callbacks=[Record()]).fit(module, data)  # fmt: skip
+    assert data.stats["train"]["skipped_bad_row"] == len(BAD_PREFERENCE_ROWS)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+# ----- exact resume after a real kill ---------------------------------------------------------------------------------
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+def _train(tmp_path: Path, name: str, method: str, kill_at: int = -1, resume: Path | None = None) -> int:
+    command = [sys.executable, str(WORKER), str(tmp_path / f"{name}.jsonl"), str(tmp_path / f"ckpt-{name}"),
+               str(kill_at), method, *([str(resume)] if resume else [])]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300).returncode
+
+
+def _records(path: Path) -> tuple[list[dict], dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if "step" in r], next(r for r in rows if "final_weights" in r)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    runs = {}
+    for method in ("sft", "dpo"):
+        assert _train(tmp, method, method) == 0
+        runs[method] = _records(tmp / f"{method}.jsonl")
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, kill_at",
+    [("sft", 3), ("sft", 6), ("dpo", 4)],
+    ids=["sft mid-epoch", "sft at the epoch boundary", "dpo mid-epoch"],
+)
+def test_killed_run_resumes_exactly(tmp_path, uninterrupted, reliability, method, kill_at):
+    """SIGKILL before step ``kill_at + 1``; resume from the last checkpoint. Every step's batch fingerprint, loss and
+    learning rate, and the final weights, equal the uninterrupted run's bit for bit (the SFT run has residual
+    dropout, so the RNG streams must come back too)."""
+    assert _train(tmp_path, "run", method, kill_at=kill_at) == -9  # killed, not a clean stop
+    steps, _ = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()], None
+    assert [s["step"] for s in steps] == list(range(1, kill_at + 1))
+    assert _train(tmp_path, "run", method, resume=tmp_path / "ckpt-run" / f"step={kill_at}.ckpt") == 0
+    resumed, final = _records(tmp_path / "run.jsonl")
+    expected, expected_final = uninterrupted[method]
+    seen = Counter(r["batch"] + str(r["epoch"]) for r in resumed)
+    wanted = Counter(r["batch"] + str(r["epoch"]) for r in expected)
+    reliability["resumes"] += 1
+    reliability["batches_lost"] += sum((wanted - seen).values())
+    reliability["batches_duplicated"] += sum((seen - wanted).values())
+    assert resumed == expected
+    assert final == expected_final
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+# ----- numerical guards -----------------------------------------------------------------------------------------------
+class PoisonedSFT(SFTModule):
+    """Returns a NaN loss at the given global steps."""
+
+    def __init__(self, *args, poison_steps=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poison_steps = set(poison_steps)
+
+    def compute_loss(self, batch):
+        loss, correct, n = super().compute_loss(batch)
+        if self.trainer.global_step in self.poison_steps:
+            loss = loss * float("nan")
+        return loss, correct, n
+
+
+def _sft_data(module, rows=24):
+    from lit_align.data.sources import read_records
+
+    records = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:rows]]
+    return InstructionDataModule(module.tokenizer, records, val_fraction=0.0, max_length=96, batch_size=4)
+
+
+def _trainer(**kwargs):
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, **kwargs)  # fmt: skip
+
+
+def test_nonfinite_step_is_skipped_without_touching_weights_or_optimizer(reliability):
+    module = PoisonedSFT(lr=1e-2, poison_steps={1})
+    data = _sft_data(module)
+    snapshots = []
+
+    class Snap(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = trainer.optimizers[0].state
+            steps = sorted({int(s["step"]) for s in state.values()}) if state else []
+            snapshots.append(({k: v.clone() for k, v in pl_module.model.state_dict().items()}, steps))
+
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 1 \(epoch 0, batch 1, fingerprint [0-9a-f]+\)"):
+        _trainer(max_steps=3, callbacks=[Snap()]).fit(module, data)
+    (w0, s0), (w1, s1), (w2, s2) = snapshots
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the poisoned step changed nothing
+    assert s0 == s1 == [1] and s2 == [2]  # AdamW's step count did not advance either
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # the next step trains normally
+    assert module.nonfinite_steps == 1
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+def test_too_many_nonfinite_steps_stop_training_naming_step_and_batch(reliability):
+    module = PoisonedSFT(lr=1e-2, poison_steps={0, 1, 2, 3}, max_nonfinite_steps=2)
+    with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(epoch 0, batch 2, .*3 steps skipped"):
+        _trainer(max_steps=6).fit(module, _sft_data(module))
+    assert module.nonfinite_steps == 3
+    reliability["faults"] += 1
+    reliability["survived"] += 1  # stopped with a message instead of training on NaN
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_losses_are_fp32_under_autocast(precision):
+    module = DPOModule()
+    data = PreferenceDataModule(module.tokenizer, val_fraction=0.0, max_length=128, share_prompt=True, batch_size=4)
+    data.setup()
+    module.configure_model()
+    batch = data.collator(data.train_dataset[:4])
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    with torch.autocast("cpu", dtype=dtype):
+        loss, values = module.compute_loss(batch)
+    assert loss.dtype == torch.float32 and values["logps/chosen"].dtype == torch.float32
+    assert math.isfinite(float(loss.detach()))
+
+
+# ----- safe loading ---------------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_without_running(tmp_path, reliability):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6", "x": _Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="evil.ckpt holds objects .* refused"):
+        SFTModule.load_from_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="evil.ckpt holds objects"):
+        run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(evil),
+             f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert not marker.exists()
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, reliability):
+    module = SFTModule(lr=1e-3)
+    trainer = _trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, _sft_data(module, rows=8))
+    good = tmp_path / "good.ckpt"
+    trainer.save_checkpoint(good)
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="torn.ckpt is truncated or corrupted"):
+        SFTModule.load_from_checkpoint(torn)
+    with pytest.raises(CheckpointError, match="torn.ckpt is truncated or corrupted"):
+        run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(torn),
+             f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+def test_a_write_killed_midway_never_replaces_a_good_checkpoint(tmp_path, monkeypatch, reliability):
+    module = SFTModule(lr=1e-3)
+    trainer = _trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, _sft_data(module, rows=8))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    import fsspec.implementations.local as local
+
+    def crash(self, data):
+        raise OSError("disk went away mid-write")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", crash)
+    with pytest.raises(OSError, match="mid-write"):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    SFTModule.load_from_checkpoint(path)
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+@pytest.mark.parametrize("target", ["os.system", "subprocess.Popen", "evil_payload_module.Callback"])
+def test_config_class_paths_off_the_allow_list_are_refused_before_import(tmp_path, monkeypatch, reliability, target):
+    marker = tmp_path / "PWNED"
+    (tmp_path / "evil_payload_module.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom lightning.pytorch.callbacks import Callback\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "evil.yaml"
+    config.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: {target}\n      init_args:\n        args: ['touch', '{marker}']\n"
+    )
+    with pytest.raises(ImportRefused, match=f"refusing to import {target}"):
+        run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "-c", str(config), "--trainer.max_steps=1"])
+    assert not marker.exists() and "evil_payload_module" not in sys.modules
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+def test_the_payload_module_does_run_when_allowed(tmp_path, monkeypatch):
+    """The allow-list is what stops it: naming the module as allowed imports it (and its side effect happens)."""
+    marker = tmp_path / "RAN"
+    (tmp_path / "allowed_payload_module.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom lightning.pytorch.callbacks import Callback\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "cb.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: allowed_payload_module.Callback\n")
+    run(["-c", str(REPO / "configs" / "sft.yaml"), "-c", str(config)], run=False,
+        allowed_imports=["allowed_payload_module"])  # fmt: skip
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "evil_model"])
+def test_remote_code_is_not_run_unless_trusted(tmp_path, reliability, model_type):
+    """A model directory whose config asks for its own modelling code (``auto_map``): without trust_remote_code
+    the code never runs; a known architecture loads as the library's own class, an unknown one is an error that
+    says trust_remote_code."""
+    marker = tmp_path / "PWNED"
+    model_dir = tmp_path / "remote"
+    load_causal_lm("tiny").save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilModel"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "evil_code.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil_model'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    if model_type == "llama":
+        assert type(load_causal_lm(str(model_dir))).__name__ == "LlamaForCausalLM"
+    else:
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            load_causal_lm(str(model_dir))
+    assert not marker.exists()
+    reliability["faults"] += 1
+    reliability["survived"] += 1
+
+
+def test_exports_are_safetensors_only(tmp_path):
+    module = SFTModule()
+    module.configure_model()
+    module.export_hf(tmp_path / "export")
+    files = {p.name for p in (tmp_path / "export").iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)

@@ -223,7 +223,8 @@ def test_nonfinite_step_is_skipped_without_touching_weights_or_optimizer(reliabi
 
 def test_too_many_nonfinite_steps_stop_training_naming_step_and_batch(reliability):
     module = PoisonedSFT(lr=1e-2, poison_steps={0, 1, 2, 3}, max_nonfinite_steps=2)
-    with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(epoch 0, batch 2, .*3 steps skipped"):
+    expected = r"non-finite loss at step 2 \(epoch 0, batch 2, .*3 steps skipped"
+    with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match=expected):
         _trainer(max_steps=6).fit(module, _sft_data(module))
     assert module.nonfinite_steps == 3
     reliability["faults"] += 1

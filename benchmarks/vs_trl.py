@@ -30,9 +30,16 @@ from pathlib import Path
 from typing import Any
 
 CASES = {
+    "sft": "SFT",
+    "reward": "reward model",
     "dpo": "DPO, live reference",
     "dpo_precomputed": "DPO, precomputed reference",
+    "dpo_vocab32k": "DPO, live ref., vocab 32k",
+    "dpo_vocab128k": "DPO, live ref., vocab 128k",
 }
+# model-FLOPs per token as TRL's batches count them, in units of N (matmul parameters): 6N trained, 2N scored
+FLOPS_PER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "dpo_precomputed": 6, "dpo_vocab32k": 8, "dpo_vocab128k": 8}
+VOCAB_CASES = {"dpo_vocab32k": 32_768, "dpo_vocab128k": 131_072}
 BUNDLED_HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
 
 
@@ -91,33 +98,43 @@ def summarize(times: list[float], tokens: list[int], warmup: int, memory: int) -
 
 
 # ----- the two workers ------------------------------------------------------------------------------------------------
+def model_dir(case: str, workdir: Path) -> Path:
+    return workdir / (f"model-{VOCAB_CASES[case]}" if case in VOCAB_CASES else "model")
+
+
 def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
-    from lit_align import DPOModule, PreferenceDataModule
+    from lit_align import DPOModule, InstructionDataModule, PreferenceDataModule, RewardModule, SFTModule
 
     timer, tokens, memory = StepTimer(), [], None
-    module = DPOModule(
-        model=str(workdir / "model"),
-        lr=1e-6,
-        reference="precomputed" if case == "dpo_precomputed" else "copy",
-        ref_cache_dir=str(workdir / f"cache-{os.getpid()}"),  # computed afresh, as TRL does
-    )
-    data = PreferenceDataModule(
-        module.tokenizer,
-        str(workdir / "pairs.jsonl"),
-        val_fraction=0.0,
-        max_length=args.max_length,
-        share_prompt=True,
-        batch_size=args.batch_size,
-    )
+    path = str(model_dir(case, workdir))
+    if case == "sft":
+        module = SFTModule(model=path, lr=1e-6)
+        data = InstructionDataModule(
+            module.tokenizer, str(workdir / "sft.jsonl"), val_fraction=0.0, max_length=args.max_length,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    else:
+        if case == "reward":
+            module = RewardModule(model=path, lr=1e-6)
+        else:
+            reference = "precomputed" if case == "dpo_precomputed" else "copy"
+            cache = str(workdir / f"cache-{os.getpid()}")  # computed afresh, as TRL does
+            module = DPOModule(model=path, lr=1e-6, reference=reference, ref_cache_dir=cache)
+        data = PreferenceDataModule(
+            module.tokenizer, str(workdir / "pairs.jsonl"), val_fraction=0.0, max_length=args.max_length,
+            share_prompt=True, batch_size=args.batch_size,
+        )  # fmt: skip
     collate = data.collator
 
     def counting_collator(examples):
-        # as TRL's batches hold them: the prompt once per response
-        tokens.append(
-            sum(len(e["prompt_ids"]) * len(e["response_ids"]) + sum(map(len, e["response_ids"])) for e in examples)
-        )
+        if case == "sft":
+            tokens.append(sum(len(e["input_ids"]) for e in examples))
+        else:  # as TRL's batches hold them: the prompt once per response
+            tokens.append(
+                sum(len(e["prompt_ids"]) * len(e["response_ids"]) + sum(map(len, e["response_ids"])) for e in examples)
+            )
         return collate(examples)
 
     data.collator = counting_collator
@@ -152,20 +169,17 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
 
 def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     timer, tokens, memory = StepTimer(), [], None
-    rows = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
-    config = DPOConfig(
+    path = model_dir(case, workdir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    common = dict(
         output_dir=str(workdir / f"trl-{os.getpid()}"),
         per_device_train_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps,
         learning_rate=1e-6,
         max_length=args.max_length,
-        precompute_ref_log_probs=case == "dpo_precomputed",
         logging_steps=10_000,
         save_strategy="no",
         report_to=[],
@@ -189,15 +203,38 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
         def on_step_end(self, *_, **__):
             timer.end()
 
-    dataset = Dataset.from_list(rows)
-    trainer = DPOTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Measure()]
-    )
+    if case == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        rows = [json.loads(line) for line in open(workdir / "sft.jsonl")]
+        model = AutoModelForCausalLM.from_pretrained(path)
+        trainer_cls, config = SFTTrainer, SFTConfig(**common)
+    elif case == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        rows = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer_cls, config = RewardTrainer, RewardConfig(**common)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        rows = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+        model = AutoModelForCausalLM.from_pretrained(path)
+        config = DPOConfig(**common, precompute_ref_log_probs=case == "dpo_precomputed")
+        trainer_cls = DPOTrainer
+    trainer = trainer_cls(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        callbacks=[Measure()],
+    )  # fmt: skip
     collate = trainer.data_collator
 
     def counting_collator(examples):
         batch = collate(examples)
-        tokens.append(int(batch["attention_mask"].sum()))
+        mask = batch["attention_mask"] if "attention_mask" in batch else batch["chosen_attention_mask"]
+        tokens.append(
+            int(mask.sum()) + (int(batch["rejected_attention_mask"].sum()) if "rejected_attention_mask" in batch else 0)
+        )
         return batch
 
     trainer.data_collator = counting_collator
@@ -208,13 +245,31 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
 # ----- preparing the shared inputs and driving the workers ------------------------------------------------------------
 def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Save the tiny model directory and the rows both sides train on."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from lit_align.data.preference import split_shared_prefix
     from lit_align.data.sources import read_records
-    from lit_align.models import load_causal_lm, load_tokenizer
+    from lit_align.models import load_tokenizer, tiny_config
 
     tokenizer = load_tokenizer("tiny")
-    load_causal_lm("tiny", tokenizer).save_pretrained(workdir / "model")
+    overrides = {"hidden_size": args.hidden, "intermediate_size": 3 * args.hidden, "num_hidden_layers": args.layers}
+    config = tiny_config(tokenizer, **overrides)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
+    for vocab in VOCAB_CASES.values():  # same model, a larger unembedding (ids above the tokenizer's stay unused)
+        big = LlamaConfig(**{**config.to_dict(), "vocab_size": vocab})
+        LlamaForCausalLM(big).save_pretrained(workdir / f"model-{vocab}")
+        tokenizer.save_pretrained(workdir / f"model-{vocab}")
+    sft_rows = []
+    for record in read_records("bundled:self_instruct_seed_tasks.jsonl"):
+        for instance in record.row["instances"]:
+            prompt = record.row["instruction"] + ("\n" + instance["input"] if instance["input"] else "") + "\n"
+            if instance["output"].strip():
+                sft_rows.append({"prompt": prompt, "completion": instance["output"]})
+    with open(workdir / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in sft_rows)
     rows, prompt_tokens, all_tokens = [], 0, 0
     for record in read_records(BUNDLED_HH):
         prompt, chosen, rejected = split_shared_prefix(record.row["chosen"], record.row["rejected"], "\n\nAssistant:")
@@ -230,7 +285,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         all_tokens += 2 * n_prompt + n_chosen + n_rejected
     with open(workdir / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    return {"rows": len(rows), "prompt_share": prompt_tokens / all_tokens}
+    return {"rows": len(rows), "prompt_share": prompt_tokens / all_tokens, "sft_rows": len(sft_rows)}
 
 
 def worker(impl: str, case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -245,6 +300,7 @@ def worker(impl: str, case: str, workdir: Path, args: argparse.Namespace) -> dic
         str(workdir),
         *("--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
+        *("--hidden", str(args.hidden), "--layers", str(args.layers)),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -266,6 +322,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size of the Llama model (tiny: 128)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (tiny: 2)")
     parser.add_argument("--worker", choices=["lit_align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -285,35 +343,75 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         info = prepare(workdir, args)
+        peak = matmul_flops(args.threads)
         print(
             f"# lit_align vs TRL {trl.__version__} | torch {torch.__version__}, lightning {lightning.__version__}, "
             f"transformers {transformers.__version__} | {args.threads} threads, fp32, batch {args.batch_size}, "
             f"max_length {args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repeats"
         )
-        print(f"# {info['rows']} HH pairs; prompt tokens are {info['prompt_share']:.0%} of TRL's tokens")
-        header = f"{'case':30s} {'lit_align tok/s':>24s} {'TRL tok/s':>24s} {'speed ratio':>20s} {'memory ratio':>18s}"
-        print(header)
+        print(
+            f"# Llama hidden {args.hidden}, {args.layers} layers; {info['rows']} HH pairs (prompt = "
+            f"{info['prompt_share']:.0%} of TRL's DPO tokens), {info['sft_rows']} SFT rows; fp32 matmul "
+            f"{peak / 1e9:.1f} GFLOP/s measured"
+        )
+        print(
+            f"{'case':28s} {'lit_align tok/s':>24s} {'TRL tok/s':>24s} {'speed ratio':>20s} "
+            f"{'MFU ours/TRL':>14s} {'peak memory':>24s}"
+        )
         for case in args.cases.split(","):
             results: dict[str, list[dict[str, Any]]] = {"lit_align": [], "trl": []}
-            for repeat in range(args.repeats):
+            run_args, repeats = args, args.repeats
+            if case in VOCAB_CASES:  # a memory case, and TRL takes ~40 s a step at 128k: one short run each
+                run_args, repeats = argparse.Namespace(**{**vars(args), "steps": 2, "warmup": 1}), 1
+            for repeat in range(repeats):
                 order = ("lit_align", "trl") if repeat % 2 == 0 else ("trl", "lit_align")
                 for impl in order:
-                    results[impl].append(worker(impl, case, workdir, args))
+                    results[impl].append(worker(impl, case, workdir, run_args))
             ours = [r["tokens_per_s"] for r in results["lit_align"]]
             theirs = [r["tokens_per_s"] for r in results["trl"]]
             ratios = [a / b for a, b in zip(ours, theirs)]
             mem_ratios = [
                 a["peak_rss_mb"] / max(b["peak_rss_mb"], 1e-9) for a, b in zip(results["lit_align"], results["trl"])
             ]
+            n = matmul_params(model_dir(case, workdir))
+            mfu = [FLOPS_PER_TOKEN[case] * n * statistics.median(x) / peak for x in (ours, theirs)]
             mem = (
-                f"{statistics.median(r['peak_rss_mb'] for r in results['lit_align']):.0f} vs "
-                f"{statistics.median(r['peak_rss_mb'] for r in results['trl']):.0f} MB"
+                f"{statistics.median(r['peak_rss_mb'] for r in results['lit_align']):.0f}/"
+                f"{statistics.median(r['peak_rss_mb'] for r in results['trl']):.0f} MB "
+                f"{statistics.median(mem_ratios):.2f}x"
             )
             print(
-                f"{CASES[case]:30s} {spread(ours):>24s} {spread(theirs):>24s} "
+                f"{CASES[case]:28s} {spread(ours):>24s} {spread(theirs):>24s} "
                 f"{statistics.median(ratios):6.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
-                f"{statistics.median(mem_ratios):6.2f}x ({mem})"
+                f"{mfu[0]:6.1%}/{mfu[1]:5.1%} {mem:>24s}",
+                flush=True,
             )
+
+
+def matmul_flops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's own limit: FLOP/s of a large fp32 matmul with ``threads`` threads (best of ``repeats``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def matmul_params(path: Path) -> int:
+    """N: parameters that take part in matmuls (every linear layer, the unembedding included; not the embedding)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(path)
+    head_dim = c.hidden_size // c.num_attention_heads
+    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * (attention + mlp) + c.hidden_size * c.vocab_size
 
 
 if __name__ == "__main__":

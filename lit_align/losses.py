@@ -55,19 +55,22 @@ class _LinearLogProbs(torch.autograd.Function):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        lse, picked = [], []
+        lse, picked, correct = [], [], []
         for start in range(0, h.shape[0], rows):
             logits = F.linear(h[start : start + rows], w, b).to(acc)
             lse.append(torch.logsumexp(logits, -1))
             picked.append(logits.gather(-1, targets[start : start + rows, None]).squeeze(-1))
+            correct.append(logits.argmax(-1) == targets[start : start + rows])
         lse = torch.cat(lse) if lse else h.new_zeros(0, dtype=acc)
         picked = torch.cat(picked) if picked else lse
+        correct = torch.cat(correct) if correct else targets.new_zeros(0, dtype=torch.bool)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.compute_dtype, ctx.rows = compute_dtype, rows
-        return picked - lse
+        ctx.mark_non_differentiable(correct)
+        return picked - lse, correct
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_correct):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         h, w = hidden.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)
         b = bias.to(ctx.compute_dtype) if bias is not None else None
@@ -97,7 +100,8 @@ def linear_log_probs(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     budget: int = _LOGIT_BUDGET,
-) -> torch.Tensor:
+    return_correct: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]``: the log-probability of each target token under an
     unembedding, without materialising the ``[M, V]`` logits or their fp32 log-softmax, forward or backward.
 
@@ -106,6 +110,7 @@ def linear_log_probs(
         weight: ``[V, H]`` unembedding (``lm_head.weight``); ``bias``: ``[V]`` or ``None``.
         targets: ``[M]`` token ids.
         budget: most logits elements computed at once.
+        return_correct: also return ``[M]`` booleans: whether the target is the highest-scoring token (accuracy).
 
     Returns:
         ``[M]`` fp32 log-probabilities (fp64 for fp64 inputs). The matmul runs in the autocast dtype when autocast
@@ -115,7 +120,8 @@ def linear_log_probs(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     rows = max(1, budget // weight.shape[0])
     with torch.autocast(device, enabled=False):
-        return _LinearLogProbs.apply(hidden, weight, bias, targets, dtype, rows)
+        logps, correct = _LinearLogProbs.apply(hidden, weight, bias, targets, dtype, rows)
+    return (logps, correct) if return_correct else logps
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -284,3 +284,31 @@ def test_training_on_hh_raises_held_out_accuracy(capsys):
     with capsys.disabled():
         print(f"\nHH held-out accuracy: untrained {result['untrained']:.3f} -> trained {result['trained']:.3f}")
     assert result["trained"] > result["untrained"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_prompt_shared_rows_score_each_response_as_if_alone(reward_module, side):
+    """share_prompt packs a prompt and its K responses into one row; each response's reward equals the reward of
+    prompt + that response forwarded on its own."""
+    dm = PreferenceDataModule(
+        reward_module.tokenizer,
+        [{"prompt": "Rank these.", "responses": ["A short one.", "A somewhat longer answer.", "Third."],
+          "ranking": [1, 0, 2]},
+         {"prompt": "Human: hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}],
+        val_fraction=0.0,
+    )  # fmt: skip
+    dm.setup()
+    with torch.no_grad():
+        packed = reward_module.rewards(PreferenceCollator(0, side, share_prompt=True)(dm.train_dataset))
+        separate = reward_module.rewards(PreferenceCollator(0, side)(dm.train_dataset))
+        alone = torch.cat(
+            [
+                reward_module.rewards(
+                    PreferenceCollator(0)([{"prompt_ids": e["prompt_ids"] + r, "response_ids": [[]], "pairs": []}])
+                )
+                for e in dm.train_dataset
+                for r in e["response_ids"]
+            ]
+        )
+    assert packed.shape == (5,)
+    assert torch.allclose(packed, alone, atol=1e-5) and torch.allclose(separate, alone, atol=1e-5)

@@ -108,8 +108,12 @@ def test_only_response_positions_are_unembedded_and_the_loss_is_unchanged(tmp_pa
     logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     from lit_align.losses import sft_loss
 
-    full_loss, _, full_n = sft_loss(logits, batch["labels"])
+    full_loss, full_correct, full_n = sft_loss(logits, batch["labels"])
     assert n == full_n and torch.allclose(loss, full_loss, atol=1e-6)
+    assert module.compute_loss(batch)[1] == full_correct
+    # and the Hugging Face model's own loss on the same labels (mean cross-entropy over labelled tokens)
+    hf_loss = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert torch.allclose(loss, hf_loss.loss, atol=1e-5)
 
 
 def test_residual_dropout_is_active_in_training_only():

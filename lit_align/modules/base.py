@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -79,10 +78,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(_unwrap(model).forward).parameters
-
-
 def backbone_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[rows, T, H]`` final hidden states of ``model``'s transformer (no unembedding) for a batch from
     :class:`~lit_align.data.PreferenceCollator`: packed rows (``segment_ids``) get their block attention mask, other
@@ -123,21 +118,25 @@ def _logit_transform(config: Any) -> tuple[float | None, float]:
     return softcap, 1.0 if scale is None else float(scale)
 
 
-def unembedding_logps(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def unembedding_logps(
+    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, return_correct: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``[M]`` fp32 log-probabilities of ``targets [M]`` given the final hidden states ``[M, H]`` that predict them,
-    through ``model``'s unembedding; tiled (:func:`~lit_align.losses.linear_log_probs`) for a plain linear head."""
+    through ``model``'s unembedding; tiled (:func:`~lit_align.losses.linear_log_probs`) for a plain linear head.
+    With ``return_correct``, also ``[M]`` booleans: whether each target is the top-scoring token."""
     lm = _unwrap(model)
     head = lm.get_output_embeddings()
     softcap, scale = _logit_transform(lm.config)
     weight = getattr(head, "weight", None)
     plain = isinstance(head, nn.Linear) and type(weight) is nn.Parameter and weight.dim() == 2 and weight.numel() > 0
     if plain and softcap is None and scale == 1.0:
-        return linear_log_probs(hidden, weight, targets, head.bias)
+        return linear_log_probs(hidden, weight, targets, head.bias, return_correct=return_correct)
     # Sharded (ZeRO-3, DTensor) or transformed heads: call the module, which gathers its own weights.
     logits = head(hidden) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return selective_log_softmax(logits, targets)
+    logps = selective_log_softmax(logits, targets)
+    return (logps, logits.detach().argmax(-1) == targets) if return_correct else logps
 
 
 def response_logps(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -246,26 +245,7 @@ class AlignModule(L.LightningModule):
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, config)
-        self._logits_to_keep = _accepts(model, "logits_to_keep")
         return model
-
-    def policy_logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        first_position: int = 0,
-        model: nn.Module | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[B, T - first_position, V]`` of ``model`` (the policy by default) for positions
-        ``first_position`` onwards; the unembedding is skipped for earlier positions when the model supports it."""
-        model = model if model is not None else self.model
-        kwargs: dict[str, Any] = {}
-        if first_position > 0 and self._logits_to_keep:
-            kwargs["logits_to_keep"] = input_ids.shape[1] - first_position
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
-        return logits[:, -(input_ids.shape[1] - first_position) :]
 
     def on_validation_epoch_start(self) -> None:
         # Metric states reset under inference mode (by a previous trainer.validate) become inference tensors, which

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from lit_align.data.collate import pad_sequences, position_ids_from_mask
 from lit_align.data.tokenize import SegmentEncoder
 from lit_align.losses import kwise_bradley_terry_loss
 from lit_align.models import load_reward_model, load_tokenizer
-from lit_align.modules.base import AlignModule
+from lit_align.modules.base import AlignModule, backbone_hidden_states
 
 OFFSET_KEY = "lit_align_reward_offset"
 
@@ -40,6 +40,16 @@ def sequence_rewards(
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     head = model.score if hasattr(model, "score") else model.classifier
+    return head(last).squeeze(-1).float()
+
+
+def response_rewards(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[N]`` fp32 raw rewards of the responses of a :class:`~lit_align.data.PreferenceCollator` batch: the scalar
+    head on the hidden state of each response's last token (``response_row``, ``response_end``)."""
+    hidden = backbone_hidden_states(model, batch)
+    last = hidden[batch["response_row"], batch["response_end"]]
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.score if hasattr(lm, "score") else lm.classifier
     return head(last).squeeze(-1).float()
 
 
@@ -88,9 +98,9 @@ class RewardModule(AlignModule):
         return load_reward_model(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N]`` normalised rewards of the batch's sequences."""
-        raw = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-        return raw - self.reward_offset
+        """``[N]`` normalised rewards of the batch's responses, read at each response's last token (in either
+        :class:`~lit_align.data.PreferenceCollator` layout: one row per response, or prompt-shared rows)."""
+        return response_rewards(self.model, batch) - self.reward_offset
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         rewards = self.rewards(batch)
@@ -140,9 +150,7 @@ class RewardModule(AlignModule):
         self.model.eval()
         for batch in dataloader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            mean.update(
-                sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            )
+            mean.update(response_rewards(self.model, batch))
         self.model.train(was_training)
         self.reward_offset.fill_(mean.compute())
         return float(self.reward_offset)

@@ -6,8 +6,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_align.data.tokenize import IGNORE_INDEX
-from lit_align.losses import sft_loss
-from lit_align.modules.base import AlignModule
+from lit_align.modules.base import AlignModule, backbone_hidden_states, unembedding_logps
 
 
 class Perplexity(MeanMetric):
@@ -32,13 +31,18 @@ class SFTModule(AlignModule):
         self.val_token_acc = MeanMetric()
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, n_correct, n_tokens)`` for a batch from :class:`~lit_align.data.collate.SFTCollator`."""
-        labels = batch["labels"]
-        # Logits are needed only from the position before the first labelled token of any row onwards.
-        labelled = labels != IGNORE_INDEX
-        first = int(torch.where(labelled.any(1), labelled.float().argmax(1), labels.shape[1]).min().clamp(min=1)) - 1
-        logits = self.policy_logits(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), first)
-        return sft_loss(logits, labels[:, first:])
+        """``(loss, n_correct, n_tokens)`` for a batch from :class:`~lit_align.data.collate.SFTCollator`: the mean
+        negative log-likelihood of the labelled tokens (the same value as :func:`~lit_align.losses.sft_loss`), with
+        the unembedding run only at the positions that predict them."""
+        targets = batch["labels"][:, 1:]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = backbone_hidden_states(self.model, batch)
+        logps, correct = unembedding_logps(self.model, hidden[rows, cols], targets[rows, cols], return_correct=True)
+        n_tokens = torch.tensor(len(rows), device=logps.device)
+        loss = -logps.sum() / n_tokens.clamp(min=1)
+        if len(rows) == 0:  # keep the graph connected: a zero loss, not a failed backward
+            loss = loss + hidden.sum() * 0.0
+        return loss, correct.sum(), n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, correct, n_tokens = self.compute_loss(batch)

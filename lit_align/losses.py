@@ -124,6 +124,21 @@ def linear_log_probs(
     return (logps, correct) if return_correct else logps
 
 
+@torch.no_grad()
+def linear_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, budget: int = _LOGIT_BUDGET
+) -> torch.Tensor:
+    """``[M]`` fp32 entropy of ``softmax(hidden @ weight.T + bias)`` per row, a tile of rows at a time (a metric:
+    no gradient)."""
+    rows = max(1, budget // weight.shape[0])
+    out = []
+    for start in range(0, hidden.shape[0], rows):
+        logits = F.linear(hidden[start : start + rows].to(weight.dtype), weight, bias).float()
+        logp = torch.log_softmax(logits, -1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities of ``labels`` under ``logits``.
 
@@ -350,3 +365,114 @@ def dpo_loss(
     if rpo_alpha:
         losses = losses + rpo_alpha * (-chosen / chosen_n)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----- PPO (InstructGPT step 3) -----------------------------------------------------------------------------------
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from log-probs of tokens sampled from ``pi`` (Schulman 2020,
+    "Approximating KL divergence").
+
+    ``k1``: ``log pi - log pi_ref`` (unbiased, can be negative; InstructGPT's per-token penalty);
+    ``k3``: ``(r - 1) - log r`` with ``r = pi_ref / pi`` (unbiased, never negative, lower variance).
+
+    Args:
+        logps, ref_logps: ``[B, T]`` log-probs of the sampled tokens under the policy and the reference.
+
+    Returns:
+        ``[B, T]`` fp32 estimates (mask them with the response mask).
+    """
+    log_ratio = logps.float() - ref_logps.float()
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; choose 'k1' or 'k3'")
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``values`` normalised to zero mean and unit variance over the positions where ``mask`` is true (the mean is
+    added back if ``shift_mean`` is false). Masked positions are returned as 0."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lam A_{t+1}``, with ``V`` and ``A`` zero past
+    the last real token of each row. Rows may have different lengths (``mask`` right-padded with 0).
+
+    Args:
+        rewards, values: ``[B, T]`` per-token rewards and value estimates.
+        mask: ``[B, T]`` 1 on response tokens.
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]`` fp32 and 0 where masked; ``returns = advantages + values``.
+    """
+    mask = mask.float()
+    rewards, values = rewards.float() * mask, values.float() * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t] * mask[:, t] + next_value * (1 - mask[:, t])  # padding keeps the next real value
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over response tokens.
+
+    ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)`` with ``ratio = exp(log pi - log pi_old)``.
+
+    Returns:
+        ``(loss, clip_fraction, approx_kl)``: the scalar fp32 loss; the fraction of tokens whose ratio was clipped
+        (where the clipped term was the smaller); and ``mean((ratio - 1) - log ratio)`` (k3 estimate of
+        ``KL(pi_old || pi)``), both detached.
+    """
+    log_ratio = logps.float() - old_logps.float()
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped < unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (as in OpenAI's PPO baselines and InstructGPT's setup): the larger of the squared errors
+    of the new value and of the old value moved at most ``clip_eps``, halved and averaged over response tokens.
+
+    Returns:
+        ``(loss, clip_fraction)``: the scalar fp32 loss and the fraction of tokens where the clipped error was used.
+    """
+    values = values.float()
+    clipped = old_values.float() + (values - old_values.float()).clamp(-clip_eps, clip_eps)
+    error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(error, clipped_error), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_error > error).float(), mask)
+    return loss, clip_fraction

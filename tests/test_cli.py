@@ -130,3 +130,24 @@ def test_dpo_config_trains_on_hh_and_exports(tmp_path, reference):
     } <= set(logged)
     assert (cli.model.ref_model is None) == (reference == "precomputed")
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_ppo_config_runs_and_exports_the_policy(tmp_path):
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "ppo.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.export_dir={tmp_path / 'export'}",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--model.max_new_tokens=8",
+            "--model.ppo_epochs=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    logged = cli.trainer.callback_metrics
+    assert {"train/reward_mean", "train/kl", "train/kl_coef", "train/ptx_loss", "val/reward_mean"} <= set(logged)
+    assert cli.datamodule.stats["pretrain"]["examples"] > 100  # PPO-ptx text
+    assert (tmp_path / "export" / "model.safetensors").exists()

@@ -3,6 +3,7 @@
 from lit_align.data.collate import SFTCollator
 from lit_align.data.instruction import InstructionDataModule
 from lit_align.data.preference import PreferenceCollator, PreferenceDataModule
+from lit_align.data.prompts import PromptCollator, PromptDataModule
 from lit_align.data.sources import DataError, read_records
 from lit_align.data.templates import TemplateSet, load_templates
 from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder
@@ -13,6 +14,8 @@ __all__ = [
     "InstructionDataModule",
     "PreferenceCollator",
     "PreferenceDataModule",
+    "PromptCollator",
+    "PromptDataModule",
     "SFTCollator",
     "SegmentEncoder",
     "TemplateSet",

@@ -149,6 +149,21 @@ def response_logps(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
     return token_logps.new_zeros(n).index_add(0, batch["target_response"], token_logps)
 
 
+def _drop_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for name in module.frozen_modules:
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+            del state_dict[key]
+
+
+def _keep_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    module.on_weights_loaded()
+    for name in module.frozen_modules:
+        frozen = getattr(module, name, None)
+        if frozen is not None:
+            for key, tensor in frozen.state_dict().items():
+                state_dict.setdefault(f"{prefix}{name}.{key}", tensor)
+
+
 class AlignModule(L.LightningModule):
     """Base of the alignment methods: owns the policy, its tokenizer, the optimizer and schedule, and export.
 
@@ -211,9 +226,19 @@ class AlignModule(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
         self._current_batch: tuple[int, Any] | None = None
         self._last_loss: torch.Tensor | None = None
+        # Frozen helpers (reference, reward model) are re-created from their source, never saved: strip them from
+        # state dicts, and put the live ones back in before a (strict) load.
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_pre_hook(_keep_frozen)
         self.model: nn.Module | None = None
         if isinstance(model, nn.Module):
             self.model = self._prepare_model(model)
+
+    #: names of frozen sub-modules that checkpoints leave out (re-created from their source on load)
+    frozen_modules: tuple[str, ...] = ()
+
+    def on_weights_loaded(self) -> None:
+        """Called whenever a state dict is loaded into the module (a checkpoint, a resume)."""
 
     # ----- the policy -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -101,6 +101,8 @@ class DPOModule(AlignModule):
         *args, **kwargs: :class:`~lit_align.modules.base.AlignModule`'s arguments.
     """
 
+    frozen_modules = ("ref_model",)
+
     def __init__(
         self,
         *args: Any,
@@ -141,10 +143,6 @@ class DPOModule(AlignModule):
         self.ref_model: nn.Module | None = None
         self.train_metrics = nn.ModuleDict({_key(name): MeanMetric() for name in METRICS})
         self.val_metrics = nn.ModuleDict({_key(name): MeanMetric() for name in METRICS})
-        # The frozen reference is re-created from its source, never saved: strip it from state dicts, and put the
-        # live one back in before a (strict) load.
-        self.register_state_dict_post_hook(_drop_reference)
-        self.register_load_state_dict_pre_hook(_keep_reference)
         # Whether the policy may differ from its source: after any weight load or optimizer step it can no longer
         # stand in for the reference when precomputing.
         self._policy_changed = False
@@ -327,6 +325,9 @@ class DPOModule(AlignModule):
         super().on_before_optimizer_step(optimizer)
         self._policy_changed = True
 
+    def on_weights_loaded(self) -> None:
+        self._policy_changed = True
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.compute_loss(batch)
         self._log_step("train", loss, values)
@@ -343,19 +344,6 @@ def _key(name: str) -> str:
 
 def _without_ref(example: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in example.items() if k != "ref_logps"}
-
-
-def _drop_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "ref_model.")]:
-        del state_dict[key]
-
-
-def _keep_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    module._policy_changed = True
-    if getattr(module, "ref_model", None) is None:
-        return
-    for name, tensor in module.ref_model.state_dict().items():
-        state_dict.setdefault(f"{prefix}ref_model.{name}", tensor)
 
 
 def _save_cache(path: Path, values: list[torch.Tensor]) -> None:

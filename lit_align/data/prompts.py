@@ -1,0 +1,185 @@
+"""``PromptDataModule``: prompts for on-policy methods (PPO), left-padded for generation, and an optional
+pre-training text source for PPO-ptx."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.data.base import RecordsDataModule, ResumableDataLoader, ResumableSampler, resolve_sources
+from lit_align.data.collate import SFTCollator, pad_sequences, position_ids_from_mask
+from lit_align.data.instruction import InstructionDataModule
+from lit_align.data.preference import PreferenceDataModule
+from lit_align.data.sources import DataError, DataSource, Record
+from lit_align.data.tokenize import SegmentEncoder, check_messages, check_text
+from lit_align.models import load_tokenizer
+
+
+@dataclass
+class PromptCollator:
+    """Left-pads prompts for generation: ``input_ids``, ``attention_mask``, ``position_ids`` (counting real tokens
+    only, so padding never shifts positions) ``[B, P]``, and ``prompt_text`` (a list of the prompts as text, for
+    reward functions that read text).
+
+    Args:
+        pad_token_id: id written at pad positions.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        ids = [e["prompt_ids"] for e in examples]
+        attention_mask = pad_sequences([[1] * len(s) for s in ids], 0, "left")
+        return {
+            "input_ids": pad_sequences(ids, self.pad_token_id, "left"),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask),
+            "prompt_text": [e["prompt_text"] for e in examples],
+        }
+
+
+class PromptDataModule(RecordsDataModule):
+    """Prompts to sample responses to, with an optional pre-training text source for the PPO-ptx term.
+
+    Prompt rows (detected per row): ``{"prompt": "..."}``; chat (``{"messages": [...]}`` or ``{"prompt": [...]}``;
+    a trailing assistant turn is dropped and the template's generation prompt added); the prompt side of
+    preference rows (explicit, implicit Anthropic HH, ranked) and of instruction rows (Alpaca, Self-Instruct
+    instances, prompt/completion, FLAN templates are not used here). Bad rows are named or counted, as everywhere.
+
+    Args:
+        tokenizer: a tokenizer, or a name/path; under ``lit-align`` it follows the model's.
+        train_data: prompt source (file, list of files, hub id, ``bundled:<file>``, or list of dicts).
+        val_data: held-out prompts; if not given, ``val_fraction`` of the rows.
+        val_fraction: fraction of rows held out when ``val_data`` is not given.
+        pretrain_data: text for the pre-training mix (rows ``{"text"}`` or any instruction shape, every token
+            labelled); ``None`` for no ptx batches.
+        max_prompt_length: longest prompt in tokens; longer prompts keep their last tokens (after any BOS).
+        max_pretrain_length: longest pre-training sequence in tokens (cut at the end).
+        assistant_marker: where implicit preference dialogues are split into prompt and response.
+        bad_rows: ``"error"`` or ``"skip"`` (counted).
+        batch_size: prompts per rollout batch on each device (and pre-training sequences per ptx batch).
+        num_workers: data-loader worker processes.
+        seed: seed for the validation split and the data order.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase = "tiny",
+        train_data: DataSource | list[str] = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz",
+        val_data: DataSource | list[str] | None = None,
+        val_fraction: float = 0.0,
+        pretrain_data: DataSource | list[str] | None = None,
+        max_prompt_length: int = 256,
+        max_pretrain_length: int = 256,
+        assistant_marker: str = "\n\nAssistant:",
+        bad_rows: Literal["error", "skip"] = "error",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
+        self.pretrain_data = pretrain_data
+        self.max_prompt_length, self.max_pretrain_length = max_prompt_length, max_pretrain_length
+        self.bad_rows = bad_rows
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.encoder = SegmentEncoder(self.tokenizer)
+        self.collator = PromptCollator(self.tokenizer.pad_token_id)
+        self.ptx_collator = SFTCollator(self.tokenizer.pad_token_id)
+        # Row shapes shared with the other DataModules are parsed by them, so a prompt is rendered exactly as in
+        # SFT and preference training.
+        self._preferences = PreferenceDataModule(self.tokenizer, [], assistant_marker=assistant_marker)
+        self._instructions = InstructionDataModule(self.tokenizer, [], max_length=max_pretrain_length)
+        self._pretraining = InstructionDataModule(
+            self.tokenizer, [], max_length=max_pretrain_length, train_on_prompt=True, bad_rows=bad_rows
+        )
+        self._ptx_sampler: ResumableSampler | None = None
+        self.ptx_dataset: list[dict[str, Any]] | None = None
+
+    # ----- prompts ------------------------------------------------------------------------------------------------
+    def prompt_texts(self, record: Record, index: int) -> list[str]:
+        """The prompt(s) of one row, as the text the model continues."""
+        row, where = record.row, record.where
+        if not isinstance(row, Mapping):
+            raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
+        if "chosen" in row or "responses" in row:
+            return ["".join(text for text, _ in self._preferences.parse(record).prompt)]
+        messages = row.get("messages", row.get("prompt"))
+        if isinstance(messages, list):
+            name = "messages" if "messages" in row else "prompt"
+            turns = list(messages)
+            while turns and isinstance(turns[-1], Mapping) and turns[-1].get("role") == "assistant":
+                turns.pop()
+            check_messages([*turns, {"role": "assistant", "content": "x"}], where, name)
+            return [self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)]
+        if "prompt" in row and "completion" not in row:
+            return [check_text(row["prompt"], where, "prompt")]
+        prompts = []
+        for example in self._instructions.record_examples(record, index):
+            if example is not None:
+                segments, _ = example
+                prompt = []
+                for text, trainable in segments:
+                    if trainable:
+                        break
+                    prompt.append(text)
+                prompts.append("".join(prompt))
+        return prompts
+
+    def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
+        examples = []
+        for text in self.prompt_texts(record, index):
+            if not text.strip():
+                counts["dropped_empty_prompt"] += 1
+                continue
+            ids = self.encoder.encode([(text, False)], add_eos=False).input_ids
+            if len(ids) > self.max_prompt_length:
+                keep = len(self.encoder.prefix)
+                ids = ids[:keep] + ids[len(ids) - (self.max_prompt_length - keep) :]
+                counts["prompt_truncated"] += 1
+            examples.append({"prompt_ids": ids, "prompt_text": text})
+        return examples
+
+    # ----- pre-training mix ---------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.pretrain_data is not None and self.ptx_dataset is None:
+            records = [
+                Record(r.where, {"prompt": "", "completion": r.row["text"]})
+                if isinstance(r.row, Mapping) and "text" in r.row
+                else r
+                for r in resolve_sources(self.pretrain_data)
+            ]
+            self.ptx_dataset = self._pretraining.encode_records(records, "pretrain")
+            self.stats["pretrain"] = self._pretraining.stats["pretrain"]
+            if not self.ptx_dataset:
+                raise ValueError(f"pretrain_data holds no usable text; counts: {dict(self.stats['pretrain'])}")
+
+    def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
+        """The prompt loader, or ``{"prompts": ..., "ptx": ...}`` (cycled together) with ``pretrain_data``."""
+        prompts = super().train_dataloader()
+        if self.ptx_dataset is None:
+            return prompts
+        self._ptx_sampler = ResumableSampler(len(self.ptx_dataset), self.batch_size, self.seed + 1)
+        ptx = ResumableDataLoader(
+            self.ptx_dataset,
+            batch_size=self.batch_size,
+            sampler=self._ptx_sampler,
+            collate_fn=self.ptx_collator,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed + 1),
+        )
+        return {"prompts": prompts, "ptx": ptx}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if isinstance(batch, Mapping) and "ptx" in batch and self.trainer is not None and self.trainer.training:
+            self._ptx_sampler.consumed()
+        return batch

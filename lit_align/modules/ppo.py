@@ -1,0 +1,500 @@
+"""``PPOModule``: RLHF with PPO as in InstructGPT (Ouyang et al. 2022, step 3): a per-token KL penalty to the SFT
+policy, an adaptive or fixed KL coefficient, GAE, separate policy and value optimizers, and the pre-training mix
+(PPO-ptx)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lit_align.losses import (
+    gae,
+    kl_penalty,
+    linear_entropy,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
+from lit_align.models import load_reward_model, load_tokenizer
+from lit_align.modules.base import AlignModule, _unwrap, backbone_hidden_states, unembedding_logps
+from lit_align.modules.reward import OFFSET_KEY
+from lit_align.optim import WarmupCosineLR, default_optimizer
+from lit_align.rewards import RewardFunction
+
+
+# ----- KL controllers ----------------------------------------------------------------------------------------------
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019 (sec. 2.2): ``beta <- beta (1 + K_beta e)`` with the proportional error
+    ``e = clip(KL / target - 1, -0.2, 0.2)`` and ``K_beta = n_steps / horizon``: the coefficient rises while the
+    measured KL is above the target and falls while below.
+
+    Args:
+        kl_coef: initial coefficient.
+        target: target KL per sequence (nats).
+        horizon: steps (samples) over which the error is corrected.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(kl_coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+# ----- generation -----------------------------------------------------------------------------------------------------
+class Generator(Protocol):
+    """Samples responses: a small interface so that a faster engine (vLLM, ...) can replace Hugging Face
+    ``generate`` without touching the PPO maths. Returns ``[B, R]`` response ids; after a row's first EOS anything
+    may follow (it is masked)."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> torch.Tensor: ...
+
+
+class HFGenerator:
+    """Sampling with Hugging Face ``generate`` and its KV cache, from left-padded prompts."""
+
+    def __call__(self, model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_token_id,
+                 pad_token_id) -> torch.Tensor:  # fmt: skip
+        out = _unwrap(model).generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )
+        return out[:, input_ids.shape[1] :]
+
+
+# ----- rollouts -------------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything PPO needs about them. ``[B, ...]`` tensors; ``R`` response
+    positions (right-padded), ``P`` prompt positions (left-padded)."""
+
+    sequences: dict[str, torch.Tensor]  # input_ids / attention_mask / position_ids of prompt + response, [B, P + R]
+    prompt_length: int
+    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
+    logps: torch.Tensor  # [B, R] log-probs of the sampled tokens under the policy when sampled
+    ref_logps: torch.Tensor  # [B, R]
+    values: torch.Tensor  # [B, R]
+    scores: torch.Tensor  # [B] reward model / function scores
+    rewards: torch.Tensor  # [B, R] per-token rewards: score at the last token minus kl_coef * KL
+    advantages: torch.Tensor  # [B, R]
+    returns: torch.Tensor  # [B, R]
+    kl: torch.Tensor  # [B, R] per-token KL estimate
+    has_eos: torch.Tensor  # [B] bool
+
+
+def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B, R]`` 1 on response tokens up to and including the first EOS (all tokens when there is none)."""
+    is_eos = (response_ids == eos_token_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position on the policy's (detached) hidden states: no second transformer."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+
+class PPOModule(AlignModule):
+    """PPO for RLHF, InstructGPT's step 3: sample responses to prompts, score them with the reward model, and
+    maximise ``r(x, y) - beta log(pi(y|x) / pi_SFT(y|x))`` (the penalty per token) plus ``gamma`` times the
+    pre-training log-likelihood (PPO-ptx), with Lightning's manual optimisation.
+
+    Four roles: the policy (``model``, from SFT), a frozen reference (a copy of the starting policy), the reward
+    (a ``RewardModule`` export, ``"tiny"``, or a ``reward_fn``), and a value model (initialised from the reward model
+    as InstructGPT did, or a value head on the policy to save memory).
+
+    Each training step takes one batch of prompts: rollout (sampling with the KV cache, then micro-batched forward
+    passes for log-probs, reference log-probs and values; no ``[B, T, V]`` tensor is kept), rewards, GAE, then
+    ``ppo_epochs`` passes over mini-batches, each a policy step (clipped surrogate, plus ``ptx_coef`` times the
+    pre-training NLL of a ``ptx`` batch) and a value step (clipped value loss), with gradient clipping. The KL
+    controller is updated after each rollout and checkpointed with the RNG streams (sampling resumes exactly).
+
+    Use ``max_epochs``/``limit_train_batches`` to bound a run: with manual optimisation Lightning counts every
+    optimizer step (policy and value) in ``global_step``.
+
+    Args:
+        reward_model: a ``RewardModule`` export directory, a ``*ForSequenceClassification`` hub id, or ``"tiny"``
+            (an untrained preset, to try the pipeline); ignored when ``reward_fn`` is given.
+        reward_fn: a :class:`~lit_align.rewards.RewardFunction` (or, from Python, any callable
+            ``(prompts, responses) -> [N]``) scoring text.
+        value_model: ``"reward"`` (a trainable copy of the reward model, InstructGPT) or ``"policy_head"`` (a scalar
+            head on the policy's hidden states; with ``reward_fn`` and no reward model this is the only choice).
+        value_lr: learning rate of the value optimizer (default ``lr``).
+        kl_coef: initial coefficient of the per-token KL penalty (InstructGPT's beta).
+        kl_estimator: ``"k1"`` (``log pi - log pi_ref``) or ``"k3"``.
+        adaptive_kl: adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019) over ``kl_horizon`` samples.
+        max_new_tokens, temperature, top_p: sampling.
+        missing_eos_penalty: subtracted from the score of responses that never emit EOS (``None``: no penalty).
+        reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (``None``: no clipping).
+        whiten_advantages: normalise advantages per rollout batch.
+        ppo_epochs: passes over each rollout batch.
+        mini_batch_size: sequences per PPO mini-batch (and per forward micro-batch in the rollout).
+        clip_eps, value_clip_eps: PPO's ratio clip and the value clip.
+        gamma, lam: GAE discount and lambda.
+        ptx_coef: weight of the pre-training log-likelihood (InstructGPT's gamma; needs ``pretrain_data`` on the
+            ``PromptDataModule``). 0 turns PPO-ptx off.
+        max_grad_norm: gradient clipping for both optimizers (``None``: none).
+        generator: the sampling engine (default Hugging Face ``generate``).
+        disable_dropout: set every dropout in the policy to 0, so that the probability ratio is exactly 1 before an
+            update.
+        *args, **kwargs: :class:`~lit_align.modules.base.AlignModule`'s arguments.
+    """
+
+    frozen_modules = ("ref_model", "reward_model")
+
+    def __init__(
+        self,
+        *args: Any,
+        reward_model: str | None = "tiny",
+        reward_fn: RewardFunction | None = None,
+        value_model: Literal["reward", "policy_head"] = "reward",
+        value_lr: float | None = None,
+        kl_coef: float = 0.02,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        adaptive_kl: bool = False,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10_000,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        missing_eos_penalty: float | None = None,
+        reward_clip: float | None = None,
+        whiten_advantages: bool = True,
+        ppo_epochs: int = 4,
+        mini_batch_size: int = 4,
+        clip_eps: float = 0.2,
+        value_clip_eps: float = 0.2,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        ptx_coef: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        generator: Generator | None = None,
+        disable_dropout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if reward_fn is None and reward_model is None:
+            raise ValueError("PPO needs a reward: set reward_model (a RewardModule export or 'tiny') or reward_fn")
+        if value_model == "reward" and reward_fn is not None:
+            value_model = "policy_head"  # no reward model to initialise a value model from
+        self.automatic_optimization = False
+        self.reward_model_name = reward_model if reward_fn is None else None
+        self.reward_fn, self.value_model_kind, self.value_lr = reward_fn, value_model, value_lr
+        self.kl_estimator = kl_estimator
+        self.kl_controller = (
+            AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
+        )
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
+        self.whiten_advantages, self.ppo_epochs, self.mini_batch_size = whiten_advantages, ppo_epochs, mini_batch_size
+        self.clip_eps, self.value_clip_eps, self.gamma, self.lam = clip_eps, value_clip_eps, gamma, lam
+        self.ptx_coef, self.max_grad_norm, self.disable_dropout = ptx_coef, max_grad_norm, disable_dropout
+        self.generator = generator or HFGenerator()
+        self.ref_model: nn.Module | None = None
+        self.reward_model: nn.Module | None = None
+        self.value_model: nn.Module | None = None
+        self.reward_offset = 0.0
+        names = (
+            "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss",
+            "value_loss", "explained_variance", "response_length", "no_eos_fraction", "ptx_loss",
+        )  # fmt: skip
+        self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "kl", "response_length")})
+
+    # ----- the four roles ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.disable_dropout:
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        if self.ref_model is None:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if self.reward_model is None and self.reward_model_name is not None:
+            if self.reward_model_name != "tiny" and self.model_name_or_path != self.reward_model_name:
+                reward_vocab = load_tokenizer(self.reward_model_name, self.trust_remote_code).get_vocab()
+                if reward_vocab != self.tokenizer.get_vocab():
+                    raise ValueError(
+                        f"reward model {self.reward_model_name!r} has another tokenizer than the policy; it scores "
+                        "the policy's token ids, so they must match (or score text with reward_fn)"
+                    )
+            self.reward_model = load_reward_model(
+                self.reward_model_name, self.tokenizer, self.dtype_name, self.trust_remote_code
+            )
+            self.reward_offset = float(getattr(self.reward_model.config, OFFSET_KEY, 0.0))
+            self.reward_model.requires_grad_(False).eval()
+        if self.value_model is None:
+            if self.value_model_kind == "reward":
+                self.value_model = copy.deepcopy(self.reward_model).requires_grad_(True).train()
+            else:
+                self.value_model = ValueHead(_unwrap(self.model).config.hidden_size)
+
+    def train(self, mode: bool = True) -> PPOModule:
+        super().train(mode)
+        for frozen in (self.ref_model, self.reward_model):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # ----- per-token quantities --------------------------------------------------------------------------------------
+    def _response_positions(self, rollout_mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, ...]:
+        rows, offsets = rollout_mask.nonzero(as_tuple=True)
+        return rows, offsets, prompt_length - 1 + offsets  # the position whose output predicts response token j
+
+    def token_logps(
+        self, model: nn.Module, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, R] log-probs of the response tokens, [B, T, H] hidden states)`` under ``model``; the unembedding
+        runs only at the positions that predict response tokens."""
+        hidden = backbone_hidden_states(model, sequences)
+        rows, offsets, cols = self._response_positions(response_mask, prompt_length)
+        targets = sequences["input_ids"][rows, cols + 1]
+        values = unembedding_logps(model, hidden[rows, cols], targets)
+        out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+        return out.index_put((rows, offsets), values), hidden
+
+    def token_values(
+        self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
+        policy_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``[B, R]`` value estimates at the positions that predict each response token."""
+        rows, offsets, cols = self._response_positions(response_mask, prompt_length)
+        if isinstance(self.value_model, ValueHead):
+            hidden = policy_hidden.detach()
+        else:
+            hidden = backbone_hidden_states(self.value_model, sequences)
+        head = self.value_model.score
+        values = head(hidden[rows, cols]).squeeze(-1).float()
+        out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+        return out.index_put((rows, offsets), values)
+
+    def score(self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
+              prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:  # fmt: skip
+        """``[B]`` scores: ``reward_fn`` on text, or the reward model at each response's last token."""
+        if self.reward_fn is not None:
+            return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).to(self.device)
+        hidden = backbone_hidden_states(self.reward_model, sequences)
+        last = prompt_length - 1 + response_mask.sum(-1).clamp(min=1)
+        rows = torch.arange(len(last), device=last.device)
+        return self.reward_model.score(hidden[rows, last]).squeeze(-1).float() - self.reward_offset
+
+    # ----- the rollout ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: Mapping[str, Any]) -> Rollout:
+        """Sample a response to every prompt and compute log-probs, reference log-probs, values, rewards and
+        advantages, in micro-batches of ``mini_batch_size``."""
+        tok = self.tokenizer
+        was_training = self.model.training
+        self.model.eval()
+        responses = self.generator(
+            self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        response_mask = response_mask_from(responses, tok.eos_token_id)
+        responses = responses.masked_fill(response_mask == 0, tok.pad_token_id)
+        prompt_length = prompts["input_ids"].shape[1]
+        attention_mask = torch.cat([prompts["attention_mask"], response_mask], 1)
+        sequences = {
+            "input_ids": torch.cat([prompts["input_ids"], responses], 1),
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask,
+        }
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logps", "ref_logps", "values", "scores", "ent")}
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        for start in range(0, responses.shape[0], self.mini_batch_size):
+            part = slice(start, start + self.mini_batch_size)
+            seq = {k: v[part] for k, v in sequences.items()}
+            mask = response_mask[part]
+            logps, hidden = self.token_logps(self.model, seq, mask, prompt_length)
+            parts["logps"].append(logps)
+            parts["ref_logps"].append(self.token_logps(self.ref_model, seq, mask, prompt_length)[0])
+            parts["values"].append(self.token_values(seq, mask, prompt_length, hidden))
+            parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], texts[part]))
+            rows, offsets, cols = self._response_positions(mask, prompt_length)
+            head = _unwrap(self.model).get_output_embeddings()
+            parts["ent"].append(linear_entropy(hidden[rows, cols], head.weight, head.bias))
+        logps, ref_logps, values, scores = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values", "scores"))
+        has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~has_eos).float()
+        if self.reward_clip is not None:
+            scores = scores.clamp(-self.reward_clip, self.reward_clip)
+        kl = kl_penalty(logps, ref_logps, self.kl_estimator) * response_mask
+        rewards = -self.kl_controller.value * kl
+        last = (response_mask.sum(-1) - 1).clamp(min=0)
+        rewards[torch.arange(len(last), device=last.device), last] += scores
+        advantages, returns = gae(rewards, values, response_mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            advantages = whiten(advantages, response_mask)
+        self.model.train(was_training)
+        self._entropy = torch.cat(parts["ent"]).mean() if parts["ent"] else torch.zeros(())
+        return Rollout(sequences, prompt_length, response_mask, logps, ref_logps, values, scores, rewards,
+                       advantages, returns, kl, has_eos)  # fmt: skip
+
+    # ----- optimisation -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        factory = self.optimizer_factory or default_optimizer
+        policy = factory([p for p in self.model.parameters() if p.requires_grad])
+        value = factory([p for p in self.value_model.parameters() if p.requires_grad])
+        for optimizer, lr in ((policy, self.lr), (value, self.value_lr or self.lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        schedulers = [(self.lr_scheduler_factory or WarmupCosineLR)(opt) for opt in (policy, value)]
+        return [policy, value], [{"scheduler": s, "interval": "step"} for s in schedulers]
+
+    def ptx_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean negative log-likelihood of a pre-training batch (every labelled token)."""
+        from lit_align.data import IGNORE_INDEX
+
+        targets = batch["labels"][:, 1:]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = backbone_hidden_states(self.model, batch)
+        logps = unembedding_logps(self.model, hidden[rows, cols], targets[rows, cols])
+        return -logps.sum() / max(len(rows), 1)
+
+    def _optimizer_step(self, optimizer: Any, loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def ppo_update(self, rollout: Rollout, ptx_batch: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
+        """``ppo_epochs`` passes of policy and value steps over mini-batches of ``rollout``."""
+        policy_opt, value_opt = self.optimizers()
+        stats: dict[str, list[float]] = {k: [] for k in ("clip_fraction", "approx_kl", "policy_loss", "value_loss",
+                                                          "ptx_loss")}  # fmt: skip
+        n = rollout.response_mask.shape[0]
+        for _ in range(self.ppo_epochs):
+            order = torch.randperm(n, device=rollout.response_mask.device)
+            for start in range(0, n, self.mini_batch_size):
+                idx = order[start : start + self.mini_batch_size]
+                loss, hidden, parts = self.policy_objective(rollout, idx, ptx_batch)
+                self._optimizer_step(policy_opt, loss)
+                seq = {k: v[idx] for k, v in rollout.sequences.items()}
+                mask = rollout.response_mask[idx]
+                values = self.token_values(seq, mask, rollout.prompt_length, hidden)
+                value_loss, _ = ppo_value_loss(
+                    values, rollout.values[idx], rollout.returns[idx], mask, self.value_clip_eps
+                )
+                self._optimizer_step(value_opt, value_loss)
+                for key, value in {**parts, "value_loss": value_loss}.items():
+                    stats[key].append(float(value.detach()))
+        return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+    def policy_objective(
+        self, rollout: Rollout, idx: torch.Tensor, ptx_batch: Mapping[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy's loss on the rollout rows ``idx``: PPO's clipped surrogate plus ``ptx_coef`` times the
+        pre-training NLL of ``ptx_batch`` (PPO-ptx, Ouyang et al. 2022 eq. 2). Returns ``(loss, hidden states,
+        parts)``."""
+        seq = {k: v[idx] for k, v in rollout.sequences.items()}
+        mask = rollout.response_mask[idx]
+        logps, hidden = self.token_logps(self.model, seq, mask, rollout.prompt_length)
+        policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
+            logps, rollout.logps[idx], rollout.advantages[idx], mask, self.clip_eps
+        )
+        parts = {"policy_loss": policy_loss, "clip_fraction": clip_fraction, "approx_kl": approx_kl}
+        loss = policy_loss
+        if self.ptx_coef > 0 and ptx_batch is not None:
+            parts["ptx_loss"] = self.ptx_loss(ptx_batch)
+            loss = loss + self.ptx_coef * parts["ptx_loss"]
+        return loss, hidden, parts
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        prompts, ptx_batch = (batch["prompts"], batch.get("ptx")) if "prompts" in batch else (batch, None)
+        rollout = self.rollout(prompts)
+        stats = self.ppo_update(rollout, ptx_batch)
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.step()
+        mask = rollout.response_mask.float()
+        kl_per_sequence = (rollout.kl * mask).sum(-1)
+        self.kl_controller.update(float(kl_per_sequence.mean()), n_steps=mask.shape[0])
+        residual = (rollout.returns - rollout.values) * mask
+        explained = 1 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / masked_mean(
+            (rollout.returns - masked_mean(rollout.returns, mask)) ** 2, mask
+        ).clamp(min=1e-8)
+        values = {
+            "reward_mean": rollout.scores.mean(),
+            "reward_std": rollout.scores.std(unbiased=False),
+            "kl": kl_per_sequence.mean(),
+            "kl_coef": torch.tensor(self.kl_controller.value),
+            "entropy": self._entropy,
+            "explained_variance": explained,
+            "response_length": mask.sum(-1).mean(),
+            "no_eos_fraction": (~rollout.has_eos).float().mean(),
+            **{k: torch.tensor(v) for k, v in stats.items()},
+        }
+        for name, value in values.items():
+            metric = self.train_metrics[name]
+            metric(value.to(self.device).float())
+            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("reward_mean", "kl"),
+                     batch_size=mask.shape[0])  # fmt: skip
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        rollout = self.rollout(batch)
+        mask = rollout.response_mask.float()
+        for name, value in (("reward_mean", rollout.scores.mean()), ("kl", (rollout.kl * mask).sum(-1).mean()),
+                            ("response_length", mask.sum(-1).mean())):  # fmt: skip
+            self.val_metrics[name].update(value)
+            self.log(f"val/{name}", self.val_metrics[name], batch_size=mask.shape[0])
+
+    # ----- checkpoint extras ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lit_align"]["kl_controller"] = self.kl_controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("lit_align", {}).get("kl_controller")
+        if state is not None:
+            self.kl_controller.load_state_dict(state)

@@ -11,9 +11,10 @@ import sys
 import lightning as L
 import torch
 
-from lit_align import DPOModule, InstructionDataModule, PreferenceDataModule, SFTModule
+from lit_align import DPOModule, InstructionDataModule, PPOModule, PreferenceDataModule, PromptDataModule, SFTModule
 from lit_align.data.sources import read_records
 from lit_align.modules.base import batch_fingerprint
+from lit_align.rewards import CharacterFractionReward
 
 
 class Record(L.Callback):
@@ -31,7 +32,9 @@ class Record(L.Callback):
             "epoch": trainer.current_epoch,
             "batch_idx": batch_idx,
             "batch": batch_fingerprint(batch),
-            "loss": float(outputs["loss"]).hex(),
+            # PPO (manual optimisation) returns no loss: its rollout's mean reward and KL coefficient stand in
+            "loss": float(outputs["loss"] if outputs else trainer.callback_metrics["train/reward_mean_step"]).hex(),
+            "kl_coef": float(getattr(getattr(module, "kl_controller", None), "value", 0.0)).hex(),
             "lr": float(self.lr).hex(),
         }
         with open(self.path, "a") as f:
@@ -47,6 +50,14 @@ def main() -> None:
         module = SFTModule(lr=3e-3, residual_dropout=0.1)  # dropout: the RNG stream must resume too
         rows = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:40]]
         data = InstructionDataModule(module.tokenizer, rows, val_fraction=0.0, max_length=96, batch_size=4)
+    elif method == "ppo":
+        module = PPOModule(
+            lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8, mini_batch_size=4, ppo_epochs=1,
+            adaptive_kl=True, kl_target=0.5, kl_horizon=50,
+        )  # fmt: skip
+        data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=4)
+        data.setup()
+        data.train_dataset = data.train_dataset[:22]
     else:
         module = DPOModule(lr=3e-3)
         rows = [r.row for r in read_records("bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz")[:22]]

@@ -164,6 +164,16 @@ def _keep_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, *ar
                 state_dict.setdefault(f"{prefix}{name}.{key}", tensor)
 
 
+def _plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
+
+
 class AlignModule(L.LightningModule):
     """Base of the alignment methods: owns the policy, its tokenizer, the optimizer and schedule, and export.
 
@@ -211,6 +221,10 @@ class AlignModule(L.LightningModule):
         self.save_hyperparameters(ignore=[name for name, value in objects.items() if not isinstance(value, str)])
         if lora is not None:
             self.hparams["lora"] = asdict(lora)
+        # Checkpoints hold plain data only (they load with weights_only=True): objects passed from Python (a reward
+        # function, a generator, ...) are not saved; pass them again to load_from_checkpoint.
+        for key in [k for k, v in self.hparams.items() if not _plain_data(v)]:
+            del self.hparams[key]
         if isinstance(model, nn.Module) and tokenizer is None:
             raise ValueError("a model given as an nn.Module needs its tokenizer")
         if isinstance(tokenizer, PreTrainedTokenizerBase):

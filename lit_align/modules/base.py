@@ -73,7 +73,7 @@ def add_residual_dropout(model: nn.Module, p: float) -> int:
     return len(blocks)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (LoRA layers stay in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -82,7 +82,7 @@ def backbone_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) 
     """``[rows, T, H]`` final hidden states of ``model``'s transformer (no unembedding) for a batch from
     :class:`~lit_align.data.PreferenceCollator`: packed rows (``segment_ids``) get their block attention mask, other
     rows their padding mask."""
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     if "segment_ids" in batch:
         attention_mask = packed_attention_mask(batch["segment_ids"])
         implementation = getattr(lm.config, "_attn_implementation", "sdpa") or "sdpa"
@@ -124,7 +124,7 @@ def unembedding_logps(
     """``[M]`` fp32 log-probabilities of ``targets [M]`` given the final hidden states ``[M, H]`` that predict them,
     through ``model``'s unembedding; tiled (:func:`~lit_align.losses.linear_log_probs`) for a plain linear head.
     With ``return_correct``, also ``[M]`` booleans: whether each target is the top-scoring token."""
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     head = lm.get_output_embeddings()
     softcap, scale = _logit_transform(lm.config)
     weight = getattr(head, "weight", None)
@@ -162,6 +162,14 @@ def _keep_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, *ar
         if frozen is not None:
             for key, tensor in frozen.state_dict().items():
                 state_dict.setdefault(f"{prefix}{name}.{key}", tensor)
+
+
+def zero_dropout(model: nn.Module) -> None:
+    """Set every ``nn.Dropout`` in ``model`` to ``p = 0`` (on-policy ratios and DPO's step-0 identity need a
+    deterministic policy)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def _plain_data(value: Any) -> bool:
@@ -253,6 +261,14 @@ class AlignModule(L.LightningModule):
 
     def on_weights_loaded(self) -> None:
         """Called whenever a state dict is loaded into the module (a checkpoint, a resume)."""
+
+    def train(self, mode: bool = True) -> AlignModule:
+        super().train(mode)
+        for name in self.frozen_modules:  # frozen helpers stay in eval mode: no dropout in a reference, ever
+            frozen = getattr(self, name, None)
+            if frozen is not None:
+                frozen.eval()
+        return self
 
     # ----- the policy -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

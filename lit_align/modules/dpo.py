@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from lit_align.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, grouped_mean
 from lit_align.models import load_causal_lm
-from lit_align.modules.base import AlignModule, response_logps
+from lit_align.modules.base import AlignModule, response_logps, zero_dropout
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,7 @@ class DPOModule(AlignModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.disable_dropout:
-            for module in self.model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = 0.0
+            zero_dropout(self.model)
         if self.reference == "copy" and self.ref_model is None:
             self.ref_model = self.build_reference()
 
@@ -164,12 +162,6 @@ class DPOModule(AlignModule):
         else:
             reference = copy.deepcopy(self.model)
         return reference.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> DPOModule:
-        super().train(mode)
-        if self.ref_model is not None:  # no dropout in the reference, ever
-            self.ref_model.eval()
-        return self
 
     @contextmanager
     def _eval_mode(self, model: nn.Module):

@@ -23,7 +23,7 @@ from lit_align.losses import (
     whiten,
 )
 from lit_align.models import load_reward_model, load_tokenizer
-from lit_align.modules.base import AlignModule, _unwrap, backbone_hidden_states, unembedding_logps
+from lit_align.modules.base import AlignModule, backbone_hidden_states, unembedding_logps, unwrap_model, zero_dropout
 from lit_align.modules.reward import OFFSET_KEY
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.rewards import RewardFunction
@@ -91,7 +91,7 @@ class HFGenerator:
 
     def __call__(self, model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_token_id,
                  pad_token_id) -> torch.Tensor:  # fmt: skip
-        out = _unwrap(model).generate(
+        out = unwrap_model(model).generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=True,
@@ -221,6 +221,8 @@ class PPOModule(AlignModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if disable_dropout and self.residual_dropout:
+            raise ValueError("residual_dropout needs disable_dropout: false (PPO disables dropout by default)")
         if reward_fn is None and reward_model is None:
             raise ValueError("PPO needs a reward: set reward_model (a RewardModule export or 'tiny') or reward_fn")
         if value_model == "reward" and reward_fn is not None:
@@ -253,9 +255,7 @@ class PPOModule(AlignModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.disable_dropout:
-            for module in self.model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = 0.0
+            zero_dropout(self.model)
         if self.ref_model is None:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.reward_model is None and self.reward_model_name is not None:
@@ -275,14 +275,7 @@ class PPOModule(AlignModule):
             if self.value_model_kind == "reward":
                 self.value_model = copy.deepcopy(self.reward_model).requires_grad_(True).train()
             else:
-                self.value_model = ValueHead(_unwrap(self.model).config.hidden_size)
-
-    def train(self, mode: bool = True) -> PPOModule:
-        super().train(mode)
-        for frozen in (self.ref_model, self.reward_model):
-            if frozen is not None:
-                frozen.eval()
-        return self
+                self.value_model = ValueHead(unwrap_model(self.model).config.hidden_size)
 
     # ----- per-token quantities --------------------------------------------------------------------------------------
     def _response_positions(self, rollout_mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, ...]:
@@ -360,7 +353,7 @@ class PPOModule(AlignModule):
             parts["values"].append(self.token_values(seq, mask, prompt_length, hidden))
             parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], texts[part]))
             rows, offsets, cols = self._response_positions(mask, prompt_length)
-            head = _unwrap(self.model).get_output_embeddings()
+            head = unwrap_model(self.model).get_output_embeddings()
             parts["ent"].append(linear_entropy(hidden[rows, cols], head.weight, head.bias))
         logps, ref_logps, values, scores = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values", "scores"))
         has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)

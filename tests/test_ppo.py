@@ -211,3 +211,20 @@ def test_ppo_raises_a_learnable_reward_with_bounded_kl(tmp_path):
     print(f"PPO mean reward {start:.3f} -> {end:.3f} over {len(rewards)} rollouts; KL per sequence max {max(kls):.2f}")
     assert end > start + 0.05
     assert max(kls) < 10.0
+
+
+def test_missing_eos_penalty_and_score_normalisation_shape_the_rewards():
+    """Before any update the KL is 0, so each row's rewards sum to its (shaped) score: the raw score minus the
+    penalty for a response with no EOS (an untrained tiny model never emits one in 8 tokens), then standardised."""
+    torch.manual_seed(0)
+    module = PPOModule(max_new_tokens=8, reward_fn=CharacterFractionReward(" "), missing_eos_penalty=1.0)
+    module.configure_model()
+    _, batch = prompts_batch(module)
+    rollout = module.rollout(batch)
+    assert not rollout.has_eos.any()
+    assert torch.allclose(rollout.rewards.sum(-1), rollout.scores - 1.0, atol=1e-6)
+    module.normalize_scores = True
+    torch.manual_seed(0)
+    rollout = module.rollout(batch)
+    shaped = rollout.scores - 1.0
+    assert torch.allclose(rollout.rewards.sum(-1), (shaped - shaped.mean()) / shaped.std(), atol=1e-5)

@@ -118,7 +118,7 @@ class Rollout:
     logps: torch.Tensor  # [B, R] log-probs of the sampled tokens under the policy when sampled
     ref_logps: torch.Tensor  # [B, R]
     values: torch.Tensor  # [B, R]
-    scores: torch.Tensor  # [B] reward model / function scores
+    scores: torch.Tensor  # [B] reward model / function scores, as scored (before any penalty or normalisation)
     rewards: torch.Tensor  # [B, R] per-token rewards: score at the last token minus kl_coef * KL
     advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor  # [B, R]
@@ -173,7 +173,9 @@ class PPOModule(AlignModule):
         adaptive_kl: adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019) over ``kl_horizon`` samples.
         max_new_tokens, temperature, top_p: sampling.
         missing_eos_penalty: subtracted from the score of responses that never emit EOS (``None``: no penalty).
-        reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (``None``: no clipping).
+        reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (``None``: no clipping), after normalising.
+        normalize_scores: standardise the scores of each rollout batch (zero mean, unit variance) before the KL
+            penalty is added; the logged ``reward_mean`` stays the raw score.
         whiten_advantages: normalise advantages per rollout batch.
         ppo_epochs: passes over each rollout batch.
         mini_batch_size: sequences per PPO mini-batch (and per forward micro-batch in the rollout).
@@ -207,6 +209,7 @@ class PPOModule(AlignModule):
         top_p: float = 1.0,
         missing_eos_penalty: float | None = None,
         reward_clip: float | None = None,
+        normalize_scores: bool = False,
         whiten_advantages: bool = True,
         ppo_epochs: int = 4,
         mini_batch_size: int = 4,
@@ -236,6 +239,7 @@ class PPOModule(AlignModule):
         )
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
+        self.normalize_scores = normalize_scores
         self.whiten_advantages, self.ppo_epochs, self.mini_batch_size = whiten_advantages, ppo_epochs, mini_batch_size
         self.clip_eps, self.value_clip_eps, self.gamma, self.lam = clip_eps, value_clip_eps, gamma, lam
         self.ptx_coef, self.max_grad_norm, self.disable_dropout = ptx_coef, max_grad_norm, disable_dropout
@@ -356,9 +360,12 @@ class PPOModule(AlignModule):
             head = unwrap_model(self.model).get_output_embeddings()
             parts["ent"].append(linear_entropy(hidden[rows, cols], head.weight, head.bias))
         logps, ref_logps, values, scores = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values", "scores"))
+        raw_scores = scores
         has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
+        if self.normalize_scores and scores.numel() > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
         if self.reward_clip is not None:
             scores = scores.clamp(-self.reward_clip, self.reward_clip)
         kl = kl_penalty(logps, ref_logps, self.kl_estimator) * response_mask
@@ -370,7 +377,7 @@ class PPOModule(AlignModule):
             advantages = whiten(advantages, response_mask)
         self.model.train(was_training)
         self._entropy = torch.cat(parts["ent"]).mean() if parts["ent"] else torch.zeros(())
-        return Rollout(sequences, prompt_length, response_mask, logps, ref_logps, values, scores, rewards,
+        return Rollout(sequences, prompt_length, response_mask, logps, ref_logps, values, raw_scores, rewards,
                        advantages, returns, kl, has_eos)  # fmt: skip
 
     # ----- optimisation -----------------------------------------------------------------------------------------------

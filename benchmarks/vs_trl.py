@@ -113,7 +113,7 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
         module = SFTModule(model=path, lr=1e-6)
         data = InstructionDataModule(
             module.tokenizer, str(workdir / "sft.jsonl"), val_fraction=0.0, max_length=args.max_length,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, group_by_length=True,
         )  # fmt: skip
     else:
         if case == "reward":
@@ -124,7 +124,7 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
             module = DPOModule(model=path, lr=1e-6, reference=reference, ref_cache_dir=cache)
         data = PreferenceDataModule(
             module.tokenizer, str(workdir / "pairs.jsonl"), val_fraction=0.0, max_length=args.max_length,
-            share_prompt=True, batch_size=args.batch_size,
+            share_prompt=True, batch_size=args.batch_size, group_by_length=True,
         )  # fmt: skip
     collate = data.collator
 

@@ -183,3 +183,22 @@ def test_collator_pads_right_with_positions():
     )
     assert torch.equal(left["input_ids"], torch.tensor([[0, 5, 6, 7]]))
     assert torch.equal(left["position_ids"], torch.tensor([[0, 0, 1, 2]]))
+
+
+def test_group_by_length_batches_similar_lengths_and_covers_every_example_once():
+    from lit_align.data.base import ResumableSampler
+
+    lengths = [(i * 37) % 101 for i in range(300)]
+    plain = ResumableSampler(300, 8, seed=1)
+    grouped = ResumableSampler(300, 8, seed=1, lengths=lengths)
+    for sampler in (plain, grouped):
+        assert sorted(sampler.order()) == list(range(300))
+
+    def padding(order):
+        batches = [order[i : i + 8] for i in range(0, 300, 8)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+
+    assert padding(grouped.order()) < padding(plain.order()) / 4
+    assert grouped.order() == ResumableSampler(300, 8, seed=1, lengths=lengths).order()  # fixed by seed and epoch
+    grouped.set_epoch(1)
+    assert grouped.order() != ResumableSampler(300, 8, seed=1, lengths=lengths).order()

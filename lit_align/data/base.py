@@ -33,8 +33,11 @@ class ResumableSampler(Sampler[int]):
     continues with exactly the batch after the last one trained on: none replayed, none skipped.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True, lengths: Sequence[int] | None = None
+    ) -> None:
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.lengths = lengths
         self.epoch, self.batches_done, self._resume_at = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,7 +48,19 @@ class ResumableSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return order
+        # Random chunks of 64 batches; within a chunk, batches of similar lengths, in random order.
+        chunk, grouped = self.batch_size * 64, []
+        for start in range(0, len(order), chunk):
+            ranked = sorted(order[start : start + chunk], key=lambda j: -self.lengths[j])
+            batches = [ranked[b : b + self.batch_size] for b in range(0, len(ranked), self.batch_size)]
+            last = batches.pop() if len(batches[-1]) < self.batch_size else []  # a short batch stays at the end
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped += batches[b]
+            grouped += last
+        return grouped
 
     def __iter__(self):
         start, self._resume_at = self._resume_at * self.batch_size, 0
@@ -110,6 +125,14 @@ class RecordsDataModule(L.LightningDataModule):
         self.train_dataset: list[dict[str, Any]] | None = None
         self.val_dataset: list[dict[str, Any]] | None = None
 
+    group_by_length: bool = False
+
+    def example_length(self, example: dict[str, Any]) -> int:
+        """Tokens an example occupies in a batch (for ``group_by_length``)."""
+        if "input_ids" in example:
+            return len(example["input_ids"])
+        return len(example["prompt_ids"]) + sum(len(r) for r in example.get("response_ids", []))
+
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
         """The tokenized examples of one row; raises ``DataError`` for a malformed row and counts what it drops."""
         raise NotImplementedError
@@ -155,7 +178,8 @@ class RecordsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled in an order fixed by ``seed`` and the epoch, and resumable mid-epoch from a checkpoint."""
-        self._sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed)
+        lengths = [self.example_length(e) for e in self.train_dataset] if self.group_by_length else None
+        self._sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, lengths=lengths)
         return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,

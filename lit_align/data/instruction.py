@@ -56,6 +56,9 @@ class InstructionDataModule(RecordsDataModule):
         batch_size: examples per batch on each device.
         num_workers: data-loader worker processes.
         seed: seed for the validation split and for picking templates.
+        group_by_length: batch examples of similar length together (shuffled in chunks of 64 batches, each chunk
+            sorted by length), so that less of each batch is padding; the order is still fixed by ``seed`` and the
+            epoch, and resumes exactly.
         pad_to_multiple_of: round padded lengths up to a multiple of this.
     """
 
@@ -76,6 +79,7 @@ class InstructionDataModule(RecordsDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        group_by_length: bool = False,
         pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
@@ -89,6 +93,7 @@ class InstructionDataModule(RecordsDataModule):
         self.end_markers = list(end_markers or [])
         self.bad_rows = bad_rows
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.group_by_length = group_by_length
         self.collator = SFTCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.encoder = SegmentEncoder(self.tokenizer, max_length)
 

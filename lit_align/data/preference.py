@@ -92,6 +92,9 @@ class PreferenceDataModule(RecordsDataModule):
         batch_size: prompts per batch on each device (each brings its K responses).
         num_workers: data-loader worker processes.
         seed: seed for the validation split.
+        group_by_length: batch examples of similar length together (shuffled in chunks of 64 batches, each chunk
+            sorted by length), so that less of each batch is padding; the order is still fixed by ``seed`` and the
+            epoch, and resumes exactly.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class PreferenceDataModule(RecordsDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
@@ -116,6 +120,7 @@ class PreferenceDataModule(RecordsDataModule):
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.bad_rows = bad_rows
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.group_by_length = group_by_length
         self.encoder = SegmentEncoder(self.tokenizer)
         self.share_prompt = share_prompt
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, share_prompt=share_prompt)

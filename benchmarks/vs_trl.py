@@ -373,7 +373,7 @@ def main() -> None:
             mem_ratios = [
                 a["peak_rss_mb"] / max(b["peak_rss_mb"], 1e-9) for a, b in zip(results["lit_align"], results["trl"])
             ]
-            n = matmul_params(model_dir(case, workdir))
+            n = matmul_params(model_dir(case, workdir), unembedding=case != "reward")
             mfu = [FLOPS_PER_TOKEN[case] * n * statistics.median(x) / peak for x in (ours, theirs)]
             mem = (
                 f"{statistics.median(r['peak_rss_mb'] for r in results['lit_align']):.0f}/"
@@ -403,15 +403,16 @@ def matmul_flops(threads: int, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def matmul_params(path: Path) -> int:
-    """N: parameters that take part in matmuls (every linear layer, the unembedding included; not the embedding)."""
+def matmul_params(path: Path, unembedding: bool = True) -> int:
+    """N: parameters that take part in matmuls (every linear layer and, for language models, the unembedding; not
+    the embedding; a reward model's scalar head is negligible)."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(path)
     head_dim = c.hidden_size // c.num_attention_heads
     attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
     mlp = 3 * c.hidden_size * c.intermediate_size
-    return c.num_hidden_layers * (attention + mlp) + c.hidden_size * c.vocab_size
+    return c.num_hidden_layers * (attention + mlp) + (c.hidden_size * c.vocab_size if unembedding else 0)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:
             return super().load_checkpoint(path, weights_only=True, **kwargs)
-        except FileNotFoundError:
-            raise
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise  # already say what is wrong, and with which path
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
             raise self.explain(path, error) from error
 

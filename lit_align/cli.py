@@ -54,7 +54,9 @@ def import_allow_list(allowed: Sequence[str]) -> Iterator[list[str]]:
     original, refused = util.import_object, []
 
     def guarded(name, *args, **kwargs):
-        if isinstance(name, str) and not is_allowed(name, allowed):
+        # Only dotted paths name something to import; plain values (``simple``, ``true``) that jsonargparse also
+        # tries while matching a union type are not imports of anything a config chose.
+        if isinstance(name, str) and "." in name and not is_allowed(name, allowed):
             refused.append(name)
             raise ImportRefused(f"{name!r} is not on lit_align's import allow-list")
         return original(name, *args, **kwargs)
@@ -83,14 +85,23 @@ class AlignCLI(LightningCLI):
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a resumed checkpoint's hyper-parameters before the Trainer exists: same safety, same
-        # messages as SafeCheckpointIO.
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-            subcommand = self.config.get("subcommand")
-            path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            raise SafeCheckpointIO.explain(path, error) from error
+        # LightningCLI reads a resumed checkpoint's hyper-parameters before the Trainer exists, and imports the
+        # class they name: the same allow-list, the same safety and messages as SafeCheckpointIO.
+        with import_allow_list(self.allowed_imports) as refused:
+            try:
+                super()._parse_ckpt_path()
+            except SystemExit:
+                if refused:
+                    raise ImportRefused(_refusal(refused)) from None
+                raise
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+                if refused:
+                    raise ImportRefused(_refusal(refused)) from None
+                subcommand = self.config.get("subcommand")
+                path = self.config[subcommand].get("ckpt_path") if subcommand else None
+                raise SafeCheckpointIO.explain(path, error) from error
+        if refused:
+            raise ImportRefused(_refusal(refused))
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -46,52 +46,61 @@ _LOGIT_BUDGET = 1 << 24  # elements of a [rows, V] logits tile: 64 MiB in fp32
 
 
 class _LinearLogProbs(torch.autograd.Function):
-    """Gathered log-softmax of ``hidden @ weight.T + bias``, computed a tile of rows at a time; the backward recomputes
-    each tile's logits instead of saving them, so neither the ``[M, V]`` logits nor a ``[M, V]`` fp32 log-softmax is
-    ever held (only the ``[M]`` log-sum-exps)."""
+    """Gathered log-softmax of ``(hidden @ weight.T + bias) / temperature``, computed a tile of rows at a time; the
+    backward recomputes each tile's logits instead of saving them, so neither the ``[M, V]`` logits nor a ``[M, V]``
+    fp32 log-softmax is ever held (only the ``[M]`` log-sum-exps). Also returns, without gradient, whether each
+    target is the top token and the entropy of each row's distribution (computed from the same tiles)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, compute_dtype, rows):
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, rows, inv_temperature):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        lse, picked, correct = [], [], []
+        lse, picked, correct, entropy = [], [], [], []
         for start in range(0, h.shape[0], rows):
-            logits = F.linear(h[start : start + rows], w, b).to(acc)
-            lse.append(torch.logsumexp(logits, -1))
+            logits = F.linear(h[start : start + rows], w, b).to(acc) * inv_temperature
+            tile_lse = torch.logsumexp(logits, -1)
+            lse.append(tile_lse)
             picked.append(logits.gather(-1, targets[start : start + rows, None]).squeeze(-1))
             correct.append(logits.argmax(-1) == targets[start : start + rows])
-        lse = torch.cat(lse) if lse else h.new_zeros(0, dtype=acc)
-        picked = torch.cat(picked) if picked else lse
+            entropy.append(tile_lse - (logits - tile_lse[:, None]).exp_().mul_(logits).sum(-1))
+        empty = h.new_zeros(0, dtype=acc)
+        lse, picked = (torch.cat(x) if x else empty for x in (lse, picked))
+        entropy = torch.cat(entropy) if entropy else empty
         correct = torch.cat(correct) if correct else targets.new_zeros(0, dtype=torch.bool)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.compute_dtype, ctx.rows = compute_dtype, rows
-        ctx.mark_non_differentiable(correct)
-        return picked - lse, correct
+        ctx.compute_dtype, ctx.rows, ctx.inv_temperature = compute_dtype, rows, inv_temperature
+        ctx.mark_non_differentiable(correct, entropy)
+        return picked - lse, correct, entropy
 
     @staticmethod
-    def backward(ctx, grad, grad_correct):
+    def backward(ctx, grad, grad_correct, grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        h, w = hidden.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)
-        b = bias.to(ctx.compute_dtype) if bias is not None else None
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        cdt, inv_t = ctx.compute_dtype, ctx.inv_temperature
+        h, w = hidden.to(cdt), weight.to(cdt)
+        b = bias.to(cdt) if bias is not None else None
         acc = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None  # e.g. not for LoRA
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for start in range(0, h.shape[0], ctx.rows):
             stop = start + ctx.rows
-            logits = F.linear(h[start:stop], w, b).to(acc)
-            # d(logit_target - lse)/d logits = onehot(target) - softmax, times the incoming gradient
+            logits = F.linear(h[start:stop], w, b).to(acc) * inv_t
+            # d(logit_target - lse)/d logits = onehot(target) - softmax, times the incoming gradient and 1/T
             grad_logits = -(logits - lse[start:stop, None]).exp_() * grad[start:stop, None]
             grad_logits.scatter_add_(-1, targets[start:stop, None], grad[start:stop, None])
-            if grad_h is not None:
-                grad_h[start:stop] = (grad_logits.to(ctx.compute_dtype) @ w).to(hidden.dtype)
-            grad_w += grad_logits.t() @ h[start:stop].to(acc)
-            if grad_b is not None:
+            grad_logits = grad_logits * inv_t
+            if need_h:
+                grad_h[start:stop] = (grad_logits.to(cdt) @ w).to(hidden.dtype)
+            if need_w:  # the GEMM in the compute dtype, accumulated in fp32
+                grad_w += (grad_logits.to(cdt).t() @ h[start:stop]).to(acc)
+            if need_b:
                 grad_b += grad_logits.sum(0)
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
-        grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, grad_b, None, None, None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_log_probs(
@@ -100,43 +109,34 @@ def linear_log_probs(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     budget: int = _LOGIT_BUDGET,
+    temperature: float = 1.0,
     return_correct: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]``: the log-probability of each target token under an
-    unembedding, without materialising the ``[M, V]`` logits or their fp32 log-softmax, forward or backward.
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``log_softmax((hidden @ weight.T + bias) / temperature)[i, targets[i]]``: the log-probability of each target
+    token under an unembedding, without materialising the ``[M, V]`` logits or their fp32 log-softmax, forward or
+    backward.
 
     Args:
         hidden: ``[M, H]`` final hidden states at the positions that predict ``targets``.
         weight: ``[V, H]`` unembedding (``lm_head.weight``); ``bias``: ``[V]`` or ``None``.
         targets: ``[M]`` token ids.
         budget: most logits elements computed at once.
+        temperature: the sampling temperature the log-probs are for (on-policy methods sample with one).
         return_correct: also return ``[M]`` booleans: whether the target is the highest-scoring token (accuracy).
+        return_entropy: also return ``[M]`` fp32 entropies of the distributions (no gradient).
 
     Returns:
-        ``[M]`` fp32 log-probabilities (fp64 for fp64 inputs). The matmul runs in the autocast dtype when autocast
-        is on (else in the weight's dtype); the log-sum-exp always in fp32.
+        ``[M]`` fp32 log-probabilities (fp64 for fp64 inputs), followed by the requested extras. The matmul runs in
+        the autocast dtype when autocast is on (else in the weight's dtype); the log-sum-exp always in fp32.
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     rows = max(1, budget // weight.shape[0])
     with torch.autocast(device, enabled=False):
-        logps, correct = _LinearLogProbs.apply(hidden, weight, bias, targets, dtype, rows)
-    return (logps, correct) if return_correct else logps
-
-
-@torch.no_grad()
-def linear_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, budget: int = _LOGIT_BUDGET
-) -> torch.Tensor:
-    """``[M]`` fp32 entropy of ``softmax(hidden @ weight.T + bias)`` per row, a tile of rows at a time (a metric:
-    no gradient)."""
-    rows = max(1, budget // weight.shape[0])
-    out = []
-    for start in range(0, hidden.shape[0], rows):
-        logits = F.linear(hidden[start : start + rows].to(weight.dtype), weight, bias).float()
-        logp = torch.log_softmax(logits, -1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        logps, correct, entropy = _LinearLogProbs.apply(hidden, weight, bias, targets, dtype, rows, 1.0 / temperature)
+    extras = [x for x, wanted in ((correct, return_correct), (entropy, return_entropy)) if wanted]
+    return (logps, *extras) if extras else logps
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,7 +359,9 @@ def dpo_loss(
         elif loss_type == "discopop":
             logits = beta * delta
             modulation = torch.sigmoid(logits / discopop_tau)
-            losses = -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+            # exp(-logits) * modulation, in log space: never inf * 0 for very negative logits
+            exp_term = torch.exp(-logits + F.logsigmoid(logits / discopop_tau))
+            losses = -F.logsigmoid(logits) * (1 - modulation) + exp_term
         else:  # sigmoid_norm
             losses = -F.logsigmoid(beta * (chosen_ratio / chosen_n - rejected_ratio / rejected_n))
     if rpo_alpha:

@@ -67,7 +67,7 @@ def test_loss_is_fp32_and_finite_for_half_precision_inputs(dtype):
         losses, cr, rr = dpo_loss(big, big.flip(0), big.flip(0), big, loss_type=loss_type, label_smoothing=smoothing,
                                   chosen_lengths=n, rejected_lengths=n)  # fmt: skip
         assert losses.dtype == torch.float32 and cr.dtype == torch.float32, loss_type
-        assert torch.isfinite(losses[1]), loss_type
+        assert torch.isfinite(losses).all(), loss_type  # even at a log-ratio of thousands
 
 
 def test_bad_arguments_are_named():

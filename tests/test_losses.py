@@ -54,3 +54,24 @@ def test_sft_loss_by_hand():
 def test_sft_loss_with_no_labels_is_zero_not_nan():
     loss, _, n = sft_loss(torch.randn(1, 3, 4, requires_grad=True), torch.full((1, 3), IGNORE_INDEX))
     assert n.item() == 0 and loss.item() == 0.0
+
+
+def test_linear_log_probs_gradients_temperature_entropy_and_frozen_head():
+    """The tiled log-probs match log_softmax((h W^T) / T) gathered, their gradients pass torch's numerical check
+    (tiles smaller than the rows), the entropy matches the full softmax's, and a frozen head needs no weight grad."""
+    from lit_align.losses import linear_log_probs
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+    assert torch.autograd.gradcheck(lambda h, w, b: linear_log_probs(h, w, t, b, budget=22, temperature=0.7), (h, w, b))
+    logps, correct, entropy = linear_log_probs(h, w, t, b, temperature=0.7, return_correct=True, return_entropy=True)
+    full = torch.log_softmax((h @ w.T + b) / 0.7, -1)
+    assert torch.allclose(logps, full.gather(-1, t[:, None]).squeeze(-1))
+    assert torch.allclose(entropy, -(full.exp() * full).sum(-1))
+    assert torch.equal(correct, full.argmax(-1) == t)
+    hidden = h.detach().requires_grad_(True)
+    linear_log_probs(hidden, w.detach(), t).sum().backward()
+    assert hidden.grad is not None

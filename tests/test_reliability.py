@@ -375,3 +375,20 @@ def test_exports_are_safetensors_only(tmp_path):
     module.export_hf(tmp_path / "export")
     files = {p.name for p in (tmp_path / "export").iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+
+
+def test_lightning_plain_values_still_parse_and_checkpoint_class_paths_are_checked(tmp_path, monkeypatch):
+    """``logger: false`` and ``profiler: simple`` are plain values, not imports; a checkpoint whose hyper-parameters
+    name a class off the allow-list is refused before that class is imported."""
+    cli = run(["-c", str(REPO / "configs" / "sft.yaml"), "--trainer.logger=false", "--trainer.profiler=simple"],
+              run=False)  # fmt: skip
+    assert cli.trainer.logger is None
+    marker = tmp_path / "PWNED"
+    (tmp_path / "ckpt_payload_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nFoo = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    evil = tmp_path / "hparams.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "ckpt_payload_module.Foo"}}, evil)
+    with pytest.raises(ImportRefused, match="ckpt_payload_module.Foo"):
+        run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(evil),
+             f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert not marker.exists()

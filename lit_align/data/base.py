@@ -178,6 +178,15 @@ class RecordsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled in an order fixed by ``seed`` and the epoch, and resumable mid-epoch from a checkpoint."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Several devices: Lightning's distributed sampler shards the data; exact mid-epoch resume (and length
+            # grouping) are single-device for now.
+            rank_zero_info("lit_align: several devices: data order by Lightning's DistributedSampler")
+            self._sampler = None
+            return DataLoader(
+                self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
+                num_workers=self.num_workers,
+            )  # fmt: skip
         lengths = [self.example_length(e) for e in self.train_dataset] if self.group_by_length else None
         self._sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, lengths=lengths)
         return ResumableDataLoader(

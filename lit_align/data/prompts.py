@@ -167,6 +167,10 @@ class PromptDataModule(RecordsDataModule):
         prompts = super().train_dataloader()
         if self.ptx_dataset is None:
             return prompts
+        if self._sampler is None:  # several devices (see RecordsDataModule.train_dataloader)
+            ptx = DataLoader(self.ptx_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.ptx_collator,
+                             num_workers=self.num_workers)  # fmt: skip
+            return {"prompts": prompts, "ptx": ptx}
         self._ptx_sampler = ResumableSampler(len(self.ptx_dataset), self.batch_size, self.seed + 1)
         ptx = ResumableDataLoader(
             self.ptx_dataset,
@@ -180,6 +184,6 @@ class PromptDataModule(RecordsDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
-        if isinstance(batch, Mapping) and "ptx" in batch and self.trainer is not None and self.trainer.training:
+        if isinstance(batch, Mapping) and "ptx" in batch and self._ptx_sampler is not None and self.trainer.training:
             self._ptx_sampler.consumed()
         return batch

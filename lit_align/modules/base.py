@@ -119,24 +119,49 @@ def _logit_transform(config: Any) -> tuple[float | None, float]:
 
 
 def unembedding_logps(
-    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, return_correct: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    return_correct: bool = False,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``[M]`` fp32 log-probabilities of ``targets [M]`` given the final hidden states ``[M, H]`` that predict them,
-    through ``model``'s unembedding; tiled (:func:`~lit_align.losses.linear_log_probs`) for a plain linear head.
-    With ``return_correct``, also ``[M]`` booleans: whether each target is the top-scoring token."""
+    through ``model``'s unembedding (logits divided by ``temperature``); tiled
+    (:func:`~lit_align.losses.linear_log_probs`) for a plain linear head. Optionally also ``[M]`` booleans (the
+    target is the top token) and ``[M]`` entropies, in that order."""
     lm = unwrap_model(model)
     head = lm.get_output_embeddings()
     softcap, scale = _logit_transform(lm.config)
     weight = getattr(head, "weight", None)
     plain = isinstance(head, nn.Linear) and type(weight) is nn.Parameter and weight.dim() == 2 and weight.numel() > 0
     if plain and softcap is None and scale == 1.0:
-        return linear_log_probs(hidden, weight, targets, head.bias, return_correct=return_correct)
+        return linear_log_probs(
+            hidden, weight, targets, head.bias, temperature=temperature, return_correct=return_correct,
+            return_entropy=return_entropy,
+        )  # fmt: skip
     # Sharded (ZeRO-3, DTensor) or transformed heads: call the module, which gathers its own weights.
     logits = head(hidden) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
     logps = selective_log_softmax(logits, targets)
-    return (logps, logits.detach().argmax(-1) == targets) if return_correct else logps
+    extras = []
+    if return_correct:
+        extras.append(logits.detach().argmax(-1) == targets)
+    if return_entropy:
+        logp_all = torch.log_softmax(logits.detach().float(), -1)
+        extras.append(-(logp_all.exp() * logp_all).sum(-1))
+    return (logps, *extras) if extras else logps
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a ``*ForSequenceClassification`` reward or value model (``score`` or ``classifier``)."""
+    lm = unwrap_model(model)
+    for name in ("score", "classifier"):
+        if isinstance(getattr(lm, name, None), nn.Module):
+            return getattr(lm, name)
+    raise ValueError(f"{type(lm).__name__} has no scalar head (score or classifier) to read rewards or values from")
 
 
 def response_logps(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -343,7 +368,10 @@ class AlignModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+        if self._trainer is not None:  # sharded gradients: every rank must take the same decision
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         loss_finite = self._last_loss is None or bool(torch.isfinite(self._last_loss))
         if loss_finite and str(self.trainer.precision) == "16-mixed":

@@ -13,17 +13,24 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_align.data.collate import position_ids_from_mask
 from lit_align.losses import (
     gae,
     kl_penalty,
-    linear_entropy,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
     whiten,
 )
 from lit_align.models import load_reward_model, load_tokenizer
-from lit_align.modules.base import AlignModule, backbone_hidden_states, unembedding_logps, unwrap_model, zero_dropout
+from lit_align.modules.base import (
+    AlignModule,
+    backbone_hidden_states,
+    score_head,
+    unembedding_logps,
+    unwrap_model,
+    zero_dropout,
+)
 from lit_align.modules.reward import OFFSET_KEY
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.rewards import RewardFunction
@@ -281,22 +288,38 @@ class PPOModule(AlignModule):
             else:
                 self.value_model = ValueHead(unwrap_model(self.model).config.hidden_size)
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                "PPO's policy and value steps each use only part of the parameters; with DDP use "
+                "strategy='ddp_find_unused_parameters_true'"
+            )
+
     # ----- per-token quantities --------------------------------------------------------------------------------------
     def _response_positions(self, rollout_mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, ...]:
         rows, offsets = rollout_mask.nonzero(as_tuple=True)
         return rows, offsets, prompt_length - 1 + offsets  # the position whose output predicts response token j
 
     def token_logps(
-        self, model: nn.Module, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, R] log-probs of the response tokens, [B, T, H] hidden states)`` under ``model``; the unembedding
-        runs only at the positions that predict response tokens."""
+        self, model: nn.Module, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
+        entropy: bool = False,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """``([B, R] log-probs of the response tokens, [B, T, H] hidden states[, [M] entropies])`` under ``model`` at
+        the sampling temperature (the distribution the tokens were drawn from); the unembedding runs only at the
+        positions that predict response tokens."""
         hidden = backbone_hidden_states(model, sequences)
         rows, offsets, cols = self._response_positions(response_mask, prompt_length)
         targets = sequences["input_ids"][rows, cols + 1]
-        values = unembedding_logps(model, hidden[rows, cols], targets)
-        out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
-        return out.index_put((rows, offsets), values), hidden
+        out = unembedding_logps(
+            model, hidden[rows, cols], targets, temperature=self.temperature, return_entropy=entropy
+        )
+        values = out[0] if entropy else out
+        logps = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+        logps = logps.index_put((rows, offsets), values)
+        return (logps, hidden, out[1]) if entropy else (logps, hidden)
 
     def token_values(
         self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
@@ -308,8 +331,7 @@ class PPOModule(AlignModule):
             hidden = policy_hidden.detach()
         else:
             hidden = backbone_hidden_states(self.value_model, sequences)
-        head = self.value_model.score
-        values = head(hidden[rows, cols]).squeeze(-1).float()
+        values = score_head(self.value_model)(hidden[rows, cols]).squeeze(-1).float()
         out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
         return out.index_put((rows, offsets), values)
 
@@ -321,7 +343,7 @@ class PPOModule(AlignModule):
         hidden = backbone_hidden_states(self.reward_model, sequences)
         last = prompt_length - 1 + response_mask.sum(-1).clamp(min=1)
         rows = torch.arange(len(last), device=last.device)
-        return self.reward_model.score(hidden[rows, last]).squeeze(-1).float() - self.reward_offset
+        return score_head(self.reward_model)(hidden[rows, last]).squeeze(-1).float() - self.reward_offset
 
     # ----- the rollout ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -331,6 +353,7 @@ class PPOModule(AlignModule):
         tok = self.tokenizer
         was_training = self.model.training
         self.model.eval()
+        self.value_model.eval()  # no dropout in the old values either
         responses = self.generator(
             self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
@@ -343,22 +366,21 @@ class PPOModule(AlignModule):
         sequences = {
             "input_ids": torch.cat([prompts["input_ids"], responses], 1),
             "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask),
         }
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logps", "ref_logps", "values", "scores", "ent")}
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        texts = tok.batch_decode(responses, skip_special_tokens=True) if self.reward_fn is not None else None
         for start in range(0, responses.shape[0], self.mini_batch_size):
             part = slice(start, start + self.mini_batch_size)
             seq = {k: v[part] for k, v in sequences.items()}
             mask = response_mask[part]
-            logps, hidden = self.token_logps(self.model, seq, mask, prompt_length)
+            logps, hidden, entropy = self.token_logps(self.model, seq, mask, prompt_length, entropy=True)
             parts["logps"].append(logps)
+            parts["ent"].append(entropy)
             parts["ref_logps"].append(self.token_logps(self.ref_model, seq, mask, prompt_length)[0])
             parts["values"].append(self.token_values(seq, mask, prompt_length, hidden))
-            parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], texts[part]))
-            rows, offsets, cols = self._response_positions(mask, prompt_length)
-            head = unwrap_model(self.model).get_output_embeddings()
-            parts["ent"].append(linear_entropy(hidden[rows, cols], head.weight, head.bias))
+            text = texts[part] if texts is not None else None
+            parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], text))
         logps, ref_logps, values, scores = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values", "scores"))
         raw_scores = scores
         has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)
@@ -376,6 +398,7 @@ class PPOModule(AlignModule):
         if self.whiten_advantages:
             advantages = whiten(advantages, response_mask)
         self.model.train(was_training)
+        self.value_model.train(was_training)
         self._entropy = torch.cat(parts["ent"]).mean() if parts["ent"] else torch.zeros(())
         return Rollout(sequences, prompt_length, response_mask, logps, ref_logps, values, raw_scores, rewards,
                        advantages, returns, kl, has_eos)  # fmt: skip
@@ -404,9 +427,12 @@ class PPOModule(AlignModule):
     def _optimizer_step(self, optimizer: Any, loss: torch.Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
+        optimizer.step()  # gradients are clipped in on_before_optimizer_step, after any AMP unscaling
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        super().on_before_optimizer_step(optimizer)
         if self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
 
     def ppo_update(self, rollout: Rollout, ptx_batch: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
         """``ppo_epochs`` passes of policy and value steps over mini-batches of ``rollout``."""
@@ -458,7 +484,9 @@ class PPOModule(AlignModule):
             config.scheduler.step()
         mask = rollout.response_mask.float()
         kl_per_sequence = (rollout.kl * mask).sum(-1)
-        self.kl_controller.update(float(kl_per_sequence.mean()), n_steps=mask.shape[0])
+        # every rank moves the coefficient by the same, global, measurement
+        global_kl = self.trainer.strategy.reduce(kl_per_sequence.mean(), reduce_op="mean")
+        self.kl_controller.update(float(global_kl), n_steps=mask.shape[0] * self.trainer.world_size)
         residual = (rollout.returns - rollout.values) * mask
         explained = 1 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / masked_mean(
             (rollout.returns - masked_mean(rollout.returns, mask)) ** 2, mask

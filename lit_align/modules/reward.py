@@ -14,7 +14,7 @@ from lit_align.data.collate import pad_sequences, position_ids_from_mask
 from lit_align.data.tokenize import SegmentEncoder
 from lit_align.losses import kwise_bradley_terry_loss
 from lit_align.models import load_reward_model, load_tokenizer
-from lit_align.modules.base import AlignModule, backbone_hidden_states
+from lit_align.modules.base import AlignModule, backbone_hidden_states, score_head
 
 OFFSET_KEY = "lit_align_reward_offset"
 
@@ -39,18 +39,14 @@ def sequence_rewards(
         position_ids = position_ids_from_mask(attention_mask)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    head = model.score if hasattr(model, "score") else model.classifier
-    return head(last).squeeze(-1).float()
+    return score_head(model)(last).squeeze(-1).float()
 
 
 def response_rewards(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[N]`` fp32 raw rewards of the responses of a :class:`~lit_align.data.PreferenceCollator` batch: the scalar
     head on the hidden state of each response's last token (``response_row``, ``response_end``)."""
     hidden = backbone_hidden_states(model, batch)
-    last = hidden[batch["response_row"], batch["response_end"]]
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = lm.score if hasattr(lm, "score") else lm.classifier
-    return head(last).squeeze(-1).float()
+    return score_head(model)(hidden[batch["response_row"], batch["response_end"]]).squeeze(-1).float()
 
 
 class StdMetric(Metric):

@@ -52,7 +52,7 @@ class _LinearLogProbs(torch.autograd.Function):
     target is the top token and the entropy of each row's distribution (computed from the same tiles)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, compute_dtype, rows, inv_temperature):
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, rows, inv_temperature, want_entropy):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
@@ -63,7 +63,8 @@ class _LinearLogProbs(torch.autograd.Function):
             lse.append(tile_lse)
             picked.append(logits.gather(-1, targets[start : start + rows, None]).squeeze(-1))
             correct.append(logits.argmax(-1) == targets[start : start + rows])
-            entropy.append(tile_lse - (logits - tile_lse[:, None]).exp_().mul_(logits).sum(-1))
+            if want_entropy:  # only when asked: it costs a pass over the tile
+                entropy.append(tile_lse - (logits - tile_lse[:, None]).exp_().mul_(logits).sum(-1))
         empty = h.new_zeros(0, dtype=acc)
         lse, picked = (torch.cat(x) if x else empty for x in (lse, picked))
         entropy = torch.cat(entropy) if entropy else empty
@@ -100,7 +101,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 grad_b += grad_logits.sum(0)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def linear_log_probs(
@@ -134,7 +135,9 @@ def linear_log_probs(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     rows = max(1, budget // weight.shape[0])
     with torch.autocast(device, enabled=False):
-        logps, correct, entropy = _LinearLogProbs.apply(hidden, weight, bias, targets, dtype, rows, 1.0 / temperature)
+        logps, correct, entropy = _LinearLogProbs.apply(
+            hidden, weight, bias, targets, dtype, rows, 1.0 / temperature, return_entropy
+        )
     extras = [x for x, wanted in ((correct, return_correct), (entropy, return_entropy)) if wanted]
     return (logps, *extras) if extras else logps
 

@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.collate import packed_attention_mask
+from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
 from lit_align.models import TINY, load_causal_lm, load_tokenizer
 from lit_align.optim import WarmupCosineLR, default_optimizer
@@ -162,6 +163,21 @@ def score_head(model: nn.Module) -> nn.Module:
         if isinstance(getattr(lm, name, None), nn.Module):
             return getattr(lm, name)
     raise ValueError(f"{type(lm).__name__} has no scalar head (score or classifier) to read rewards or values from")
+
+
+def labelled_nll(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``(loss, n_correct, n_tokens)``: the mean negative log-likelihood of a batch's labelled tokens (``labels``
+    with ``IGNORE_INDEX`` elsewhere, the same value as :func:`~lit_align.losses.sft_loss`), with the unembedding run
+    only at the positions that predict them, and how many of those tokens are the top prediction."""
+    targets = batch["labels"][:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    hidden = backbone_hidden_states(model, batch)
+    logps, correct = unembedding_logps(model, hidden[rows, cols], targets[rows, cols], return_correct=True)
+    n_tokens = torch.tensor(len(rows), device=logps.device)
+    loss = -logps.sum() / n_tokens.clamp(min=1)
+    if len(rows) == 0:  # keep the graph connected: a zero loss, not a failed backward
+        loss = loss + hidden.sum() * 0.0
+    return loss, correct.sum(), n_tokens
 
 
 def response_logps(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -290,7 +290,7 @@ class DPOModule(AlignModule):
             discopop_tau=self.discopop_tau,
             rpo_alpha=self.rpo_alpha,
         )
-        loss = grouped_mean(losses, batch["group"], int(batch["group"].max()) + 1).mean()
+        loss = grouped_mean(losses, batch["group"]).mean()
         values = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,

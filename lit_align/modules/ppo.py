@@ -26,6 +26,7 @@ from lit_align.models import load_reward_model, load_tokenizer
 from lit_align.modules.base import (
     AlignModule,
     backbone_hidden_states,
+    labelled_nll,
     score_head,
     unembedding_logps,
     unwrap_model,
@@ -416,13 +417,7 @@ class PPOModule(AlignModule):
 
     def ptx_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean negative log-likelihood of a pre-training batch (every labelled token)."""
-        from lit_align.data import IGNORE_INDEX
-
-        targets = batch["labels"][:, 1:]
-        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        hidden = backbone_hidden_states(self.model, batch)
-        logps = unembedding_logps(self.model, hidden[rows, cols], targets[rows, cols])
-        return -logps.sum() / max(len(rows), 1)
+        return labelled_nll(self.model, batch)[0]
 
     def _optimizer_step(self, optimizer: Any, loss: torch.Tensor) -> None:
         optimizer.zero_grad()

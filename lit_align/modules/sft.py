@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from lit_align.data.tokenize import IGNORE_INDEX
-from lit_align.modules.base import AlignModule, backbone_hidden_states, unembedding_logps
+from lit_align.modules.base import AlignModule, labelled_nll
 
 
 class Perplexity(MeanMetric):
@@ -34,15 +33,7 @@ class SFTModule(AlignModule):
         """``(loss, n_correct, n_tokens)`` for a batch from :class:`~lit_align.data.collate.SFTCollator`: the mean
         negative log-likelihood of the labelled tokens (the same value as :func:`~lit_align.losses.sft_loss`), with
         the unembedding run only at the positions that predict them."""
-        targets = batch["labels"][:, 1:]
-        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        hidden = backbone_hidden_states(self.model, batch)
-        logps, correct = unembedding_logps(self.model, hidden[rows, cols], targets[rows, cols], return_correct=True)
-        n_tokens = torch.tensor(len(rows), device=logps.device)
-        loss = -logps.sum() / n_tokens.clamp(min=1)
-        if len(rows) == 0:  # keep the graph connected: a zero loss, not a failed backward
-            loss = loss + hidden.sum() * 0.0
-        return loss, correct.sum(), n_tokens
+        return labelled_nll(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, correct, n_tokens = self.compute_loss(batch)

@@ -36,9 +36,12 @@ CASES = {
     "dpo_precomputed": "DPO, precomputed reference",
     "dpo_vocab32k": "DPO, live ref., vocab 32k",
     "dpo_vocab128k": "DPO, live ref., vocab 128k",
+    "grpo": "GRPO step (sampling included)",
 }
 # model-FLOPs per token as TRL's batches count them, in units of N (matmul parameters): 6N trained, 2N scored
-FLOPS_PER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "dpo_precomputed": 6, "dpo_vocab32k": 8, "dpo_vocab128k": 8}
+# GRPO: 2N to sample (prefill and decode), 2N for the reference, 6N to train, per prompt+completion token
+FLOPS_PER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "dpo_precomputed": 6, "dpo_vocab32k": 8, "dpo_vocab128k": 8,
+                   "grpo": 10}  # fmt: skip
 VOCAB_CASES = {"dpo_vocab32k": 32_768, "dpo_vocab128k": 131_072}
 BUNDLED_HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
 
@@ -105,7 +108,17 @@ def model_dir(case: str, workdir: Path) -> Path:
 def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
-    from lit_align import DPOModule, InstructionDataModule, PreferenceDataModule, RewardModule, SFTModule
+    from lit_align import (
+        DPOModule,
+        GRPOModule,
+        InstructionDataModule,
+        PreferenceDataModule,
+        PromptDataModule,
+        RewardModule,
+        SFTModule,
+    )
+    from lit_align.generation import HFGenerator
+    from lit_align.rewards import CharacterFractionReward
 
     timer, tokens, memory = StepTimer(), [], None
     path = str(model_dir(case, workdir))
@@ -114,6 +127,16 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
         data = InstructionDataModule(
             module.tokenizer, str(workdir / "sft.jsonl"), val_fraction=0.0, max_length=args.max_length,
             batch_size=args.batch_size, group_by_length=True,
+        )  # fmt: skip
+    elif case == "grpo":
+        module = GRPOModule(
+            model=path, lr=1e-6, reward_fn=CharacterFractionReward(), group_size=args.group_size, kl_coef=0.04,
+            max_new_tokens=args.completion_length, loss_type="dapo",
+            generator=HFGenerator({"min_new_tokens": args.completion_length}),  # equal lengths on both sides
+        )  # fmt: skip
+        data = PromptDataModule(
+            module.tokenizer, str(workdir / "prompts.jsonl"), max_prompt_length=args.max_length,
+            batch_size=args.grpo_prompts,
         )  # fmt: skip
     else:
         if case == "reward":
@@ -131,6 +154,8 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
     def counting_collator(examples):
         if case == "sft":
             tokens.append(sum(len(e["input_ids"]) for e in examples))
+        elif case == "grpo":  # every prompt + completion, as TRL's batches hold them
+            tokens.append(sum(args.group_size * (len(e["prompt_ids"]) + args.completion_length) for e in examples))
         else:  # as TRL's batches hold them: the prompt once per response
             tokens.append(
                 sum(len(e["prompt_ids"]) * len(e["response_ids"]) + sum(map(len, e["response_ids"])) for e in examples)
@@ -216,6 +241,33 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer_cls, config = RewardTrainer, RewardConfig(**common)
+    elif case == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        from lit_align.rewards import CharacterFractionReward
+
+        rows = [json.loads(line) for line in open(workdir / "prompts.jsonl")]
+        score = CharacterFractionReward()
+        common.pop("max_length")
+        common["per_device_train_batch_size"] = args.grpo_prompts * args.group_size  # TRL counts completions
+        config = GRPOConfig(
+            **common, num_generations=args.group_size, max_completion_length=args.completion_length, beta=0.04,
+            loss_type="dapo", generation_kwargs={"min_new_tokens": args.completion_length},
+        )  # fmt: skip
+        trainer = GRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(path), args=config, train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer, callbacks=[Measure()],
+            reward_funcs=lambda prompts, completions, **_: score(prompts, completions).tolist(),
+        )  # fmt: skip
+        collate = trainer.data_collator
+
+        def counting_rows(examples):  # every prompt + completion of the generation batch
+            tokens.append(sum(len(tokenizer(e["prompt"])["input_ids"]) + args.completion_length for e in examples))
+            return collate(examples)
+
+        trainer.data_collator = counting_rows
+        trainer.train()
+        return summarize(timer.times, tokens, args.warmup, memory.stop())
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -285,6 +337,8 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         all_tokens += 2 * n_prompt + n_chosen + n_rejected
     with open(workdir / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(workdir / "prompts.jsonl", "w") as f:  # GRPO: the same HH prompts, alone
+        f.writelines(json.dumps({"prompt": row["prompt"]}) + "\n" for row in rows)
     return {"rows": len(rows), "prompt_share": prompt_tokens / all_tokens, "sft_rows": len(sft_rows)}
 
 
@@ -301,6 +355,8 @@ def worker(impl: str, case: str, workdir: Path, args: argparse.Namespace) -> dic
         *("--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
         *("--hidden", str(args.hidden), "--layers", str(args.layers)),
+        *("--group-size", str(args.group_size), "--completion-length", str(args.completion_length)),
+        *("--grpo-prompts", str(args.grpo_prompts)),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -324,6 +380,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128, help="hidden size of the Llama model (tiny: 128)")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (tiny: 2)")
+    parser.add_argument("--group-size", type=int, default=8, help="GRPO: completions per prompt")
+    parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO: prompts per step")
+    parser.add_argument("--completion-length", type=int, default=32, help="GRPO: tokens sampled per completion")
     parser.add_argument("--worker", choices=["lit_align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,6 +445,17 @@ def main() -> None:
                 f"{mfu[0]:6.1%}/{mfu[1]:5.1%} {mem:>24s}",
                 flush=True,
             )
+            if case == "grpo":  # the same work on both sides, so step time is the inverse of the speed ratio
+                step_ratios = [a["seconds_per_step"] / b["seconds_per_step"]
+                               for a, b in zip(results["lit_align"], results["trl"])]  # fmt: skip
+                print(
+                    f"{'  GRPO seconds per step':28s} "
+                    f"{statistics.median(r['seconds_per_step'] for r in results['lit_align']):.3f} s vs "
+                    f"{statistics.median(r['seconds_per_step'] for r in results['trl']):.3f} s: step time "
+                    f"{statistics.median(step_ratios):.2f}x TRL's [{min(step_ratios):.2f}-{max(step_ratios):.2f}] "
+                    f"({args.grpo_prompts} prompts x {args.group_size} completions of {args.completion_length} tokens)",
+                    flush=True,
+                )
 
 
 def matmul_flops(threads: int, size: int = 2048, repeats: int = 5) -> float:

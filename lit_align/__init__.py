@@ -2,13 +2,14 @@
 
 from lit_align.data import InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_align.models import load_causal_lm, load_tokenizer
-from lit_align.modules import AlignModule, DPOModule, LoRA, PPOModule, RewardModule, RewardScorer, SFTModule
+from lit_align.modules import AlignModule, DPOModule, GRPOModule, LoRA, PPOModule, RewardModule, RewardScorer, SFTModule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlignModule",
     "DPOModule",
+    "GRPOModule",
     "InstructionDataModule",
     "LoRA",
     "PPOModule",

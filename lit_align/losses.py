@@ -481,3 +481,125 @@ def ppo_value_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_error > error).float(), mask)
     return loss, clip_fraction
+
+
+# ----- GRPO (DeepSeekMath) ----------------------------------------------------------------------------------------
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2, outcome supervision): each completion's
+    reward minus the mean reward of the completions sampled for the same prompt, divided by a standard deviation.
+
+    Args:
+        rewards: ``[N]`` rewards, ``N = B * group_size``, the ``group_size`` completions of a prompt consecutive.
+        group_size: completions per prompt (``G``).
+        scale: ``"group"`` (the group's standard deviation, the paper), ``"batch"`` (the standard deviation of all
+            ``N`` rewards, more robust when a group's rewards are nearly equal), or ``"none"`` (no division, Dr. GRPO,
+            Liu et al. 2025, which removes the difficulty bias of the division).
+        eps: added to the standard deviation (a group with equal rewards gets advantage 0, not a division by 0).
+
+    Returns:
+        ``(advantages [N], zero_std [N])``: fp32 advantages, and whether the group's rewards were all equal (such a
+        group carries no learning signal). Standard deviations are the unbiased (``N - 1``) estimate, as TRL's.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B * group_size] with group_size={group_size}; got {tuple(rewards.shape)}")
+    grouped = rewards.float().view(-1, group_size)
+    centred = (grouped - grouped.mean(-1, keepdim=True)).view(-1)
+    group_std = (grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])).expand_as(
+        grouped
+    )
+    zero_std = torch.isclose(group_std, torch.zeros_like(group_std)).reshape(-1)
+    if scale == "group":
+        return centred / (group_std.reshape(-1) + eps), zero_std
+    if scale == "batch":
+        batch_std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float32)
+        return centred / (batch_std + eps), zero_std
+    if scale == "none":
+        return centred, zero_std
+    raise ValueError(f"unknown advantage scale {scale!r}; choose 'group', 'batch' or 'none'")
+
+
+def grpo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    loss_type: str = "dapo",
+    max_completion_length: int | None = None,
+    n_tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective (Shao et al. 2024, eq. 3), as a loss to minimise: per token,
+    ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + kl_coef KL_k3(pi || pi_ref)`` with
+    ``ratio = pi / pi_old`` and the unbiased, non-negative ``k3`` estimator
+    ``pi_ref / pi - log(pi_ref / pi) - 1`` (eq. 4), aggregated over tokens by ``loss_type``:
+
+    - ``"grpo"``: each completion's mean over its tokens, then the mean over completions (the paper; longer
+      completions weigh less per token);
+    - ``"bnpo"``: the mean over all tokens of the batch;
+    - ``"dapo"``: the sum over tokens divided by ``n_tokens`` (the token count of the whole generation batch
+      across devices, DAPO, Yu et al. 2025; defaults to this batch's count);
+    - ``"dr_grpo"``: the sum divided by ``completions x max_completion_length`` (Dr. GRPO, Liu et al. 2025: a
+      constant, so no length bias).
+
+    Args:
+        logps: ``[N, R]`` log-probs of the completion tokens under the policy being trained.
+        old_logps: ``[N, R]`` log-probs when sampled (``None``: one update per generation, so ``pi_old = pi`` and the
+            ratio is ``exp(logps - logps.detach())``: 1, with the policy gradient as its gradient).
+        advantages: ``[N]`` per-completion (or ``[N, R]`` per-token) advantages.
+        mask: ``[N, R]`` 1 on completion tokens.
+        ref_logps: ``[N, R]`` reference log-probs (needed when ``kl_coef`` is not 0).
+        kl_coef: the KL coefficient (the paper's beta).
+        clip_eps, clip_eps_high: the ratio's lower and upper clip (``clip_eps_high`` defaults to ``clip_eps``; DAPO's
+            "clip-higher" sets it larger).
+        loss_type: the token aggregation above.
+        max_completion_length: ``R_max`` for ``"dr_grpo"``.
+        n_tokens: the normaliser for ``"dapo"``.
+
+    Returns:
+        ``(loss, stats)``: the scalar fp32 loss and detached per-token means: ``kl`` (the k3 estimate, 0 without a
+        reference), ``clip_low`` / ``clip_high`` (fraction of tokens whose ratio was clipped where it mattered:
+        below ``1 - eps`` with a negative advantage, above ``1 + eps_high`` with a positive one).
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")
+    logps = logps.float()
+    mask = mask.to(logps.dtype)
+    advantages = advantages.float()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    old = logps.detach() if old_logps is None else old_logps.float()
+    ratio = torch.exp(logps - old)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + high) * advantages)
+    kl = torch.zeros_like(logps)
+    if kl_coef != 0.0:
+        if ref_logps is None:
+            raise ValueError("kl_coef != 0 needs ref_logps")
+        kl = kl_penalty(logps, ref_logps, "k3")
+        per_token = per_token + kl_coef * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dapo":
+        normaliser = mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=logps.dtype)
+        loss = (per_token * mask).sum() / normaliser.clamp(min=1)
+    else:
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        loss = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    with torch.no_grad():
+        stats = {
+            "kl": masked_mean(kl, mask),
+            "clip_low": masked_mean(((ratio < 1 - clip_eps) & (advantages < 0)).float(), mask),
+            "clip_high": masked_mean(((ratio > 1 + high) & (advantages > 0)).float(), mask),
+        }
+    return loss, stats

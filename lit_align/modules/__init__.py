@@ -2,8 +2,9 @@
 
 from lit_align.modules.base import AlignModule, LoRA
 from lit_align.modules.dpo import DPOModule
+from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.ppo import PPOModule
 from lit_align.modules.reward import RewardModule, RewardScorer
 from lit_align.modules.sft import SFTModule
 
-__all__ = ["AlignModule", "DPOModule", "LoRA", "PPOModule", "RewardModule", "RewardScorer", "SFTModule"]
+__all__ = ["AlignModule", "DPOModule", "GRPOModule", "LoRA", "PPOModule", "RewardModule", "RewardScorer", "SFTModule"]

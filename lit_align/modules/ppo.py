@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.data.collate import position_ids_from_mask
+from lit_align.generation import Generator, HFGenerator, response_mask_from
 from lit_align.losses import (
     gae,
     kl_penalty,
@@ -74,46 +75,6 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1 + error * n_steps / self.horizon
 
 
-# ----- generation -----------------------------------------------------------------------------------------------------
-class Generator(Protocol):
-    """Samples responses: a small interface so that a faster engine (vLLM, ...) can replace Hugging Face
-    ``generate`` without touching the PPO maths. Returns ``[B, R]`` response ids; after a row's first EOS anything
-    may follow (it is masked)."""
-
-    def __call__(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        eos_token_id: int,
-        pad_token_id: int,
-    ) -> torch.Tensor: ...
-
-
-class HFGenerator:
-    """Sampling with Hugging Face ``generate`` and its KV cache, from left-padded prompts."""
-
-    def __call__(self, model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_token_id,
-                 pad_token_id) -> torch.Tensor:  # fmt: skip
-        out = unwrap_model(model).generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            use_cache=True,
-        )
-        return out[:, input_ids.shape[1] :]
-
-
 # ----- rollouts -------------------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
@@ -132,12 +93,6 @@ class Rollout:
     returns: torch.Tensor  # [B, R]
     kl: torch.Tensor  # [B, R] per-token KL estimate
     has_eos: torch.Tensor  # [B] bool
-
-
-def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """``[B, R]`` 1 on response tokens up to and including the first EOS (all tokens when there is none)."""
-    is_eos = (response_ids == eos_token_id).long()
-    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
 class ValueHead(nn.Module):

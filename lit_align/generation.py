@@ -3,6 +3,7 @@ implementation."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -62,7 +63,7 @@ class HFGenerator:
             input_ids = input_ids.repeat_interleave(num_samples, 0)
             attention_mask = attention_mask.repeat_interleave(num_samples, 0)
             if cache is not None:
-                options["past_key_values"] = cache
+                options[_cache_argument(lm)] = cache
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
         return out[:, input_ids.shape[1] :]
 
@@ -79,12 +80,17 @@ class HFGenerator:
             cache = DynamicCache(config=lm.config)
             mask = attention_mask[:, :-1]
             lm(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-               past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+               use_cache=True, logits_to_keep=1, **{_cache_argument(lm): cache})  # fmt: skip
             cache.batch_repeat_interleave(repeats)
         except (TypeError, ValueError, NotImplementedError, AttributeError) as error:
             rank_zero_warn(f"{type(lm).__name__}: prompts are prefilled once per sample ({error})")
             return None
         return cache
+
+
+def _cache_argument(lm: nn.Module) -> str:
+    """``cache`` in recent transformers, ``past_key_values`` before it."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

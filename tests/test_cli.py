@@ -151,3 +151,27 @@ def test_ppo_config_runs_and_exports_the_policy(tmp_path):
     assert {"train/reward_mean", "train/kl", "train/kl_coef", "train/ptx_loss", "val/reward_mean"} <= set(logged)
     assert cli.datamodule.stats["pretrain"]["examples"] > 100  # PPO-ptx text
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_grpo_config_runs_on_gsm8k_and_exports_the_policy(tmp_path):
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "grpo.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.export_dir={tmp_path / 'export'}",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--model.max_new_tokens=8",
+            "--model.group_size=4",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    logged = cli.trainer.callback_metrics
+    assert {"train/reward_mean", "train/kl", "train/entropy", "train/zero_std_fraction", "val/reward_mean"} <= set(
+        logged
+    )
+    assert cli.trainer.global_step == 2
+    assert type(cli.model.reward_fns[0]).__name__ == "NumericAnswerReward"
+    assert (tmp_path / "export" / "model.safetensors").exists()

@@ -224,7 +224,7 @@ def test_several_reward_functions_are_weighted_and_bad_rewards_are_named():
     assert rollout.rewards_per_fn.shape == (9, 2)
     assert torch.allclose(rollout.rewards, rollout.rewards_per_fn @ torch.tensor([2.0, 0.5]))
     module = _module(reward_fn=lambda prompts, completions: torch.zeros(len(completions) + 1))
-    with pytest.raises(ValueError, match=r"returned shape \(10,\) for 9 completions"):
+    with pytest.raises(ValueError, match=r"returned shape \(10,\) for 9 responses"):
         module.rollout(_prompts(module))
     with pytest.raises(ValueError, match="2 reward functions"):
         GRPOModule(model="tiny", reward_fn=[LengthReward(), LengthReward()], reward_weights=[1.0])
@@ -232,6 +232,26 @@ def test_several_reward_functions_are_weighted_and_bad_rewards_are_named():
         GRPOModule(model="tiny")
     with pytest.raises(ValueError, match="group_size must be at least 2"):
         GRPOModule(model="tiny", reward_fn=LengthReward(), group_size=1)
+
+
+def test_reward_functions_get_each_completion_with_its_prompt_and_reference_answer(tiny_tokenizer):
+    """GSM8K prompts from a template: every completion of a group is scored against its own prompt's reference."""
+    seen = {}
+
+    def record(prompts, completions, references):
+        seen.update(prompts=prompts, completions=completions, references=references)
+        return torch.zeros(len(completions))
+
+    module = _module(reward_fn=record)
+    data = PromptDataModule(module.tokenizer, "bundled:gsm8k_train_head200.jsonl", prompt_template="Q: {question}\nA:",
+                            reference_field="answer", batch_size=2, max_prompt_length=256)  # fmt: skip
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    rollout = module.rollout(batch)
+    assert seen["references"] == [r for r in batch["references"] for _ in range(3)]
+    assert seen["prompts"] == [p for p in batch["prompt_text"] for _ in range(3)]
+    assert len(seen["completions"]) == 6 and rollout.zero_std.all()  # equal rewards: no signal, advantage 0
+    assert torch.equal(rollout.advantages, torch.zeros(6))
 
 
 def test_reward_model_scores_each_completion_at_its_last_token_in_the_packed_row():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lit_align import PPOModule, PromptDataModule
-from lit_align.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.generation import response_mask_from
+from lit_align.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.modules.ppo import AdaptiveKLController, FixedKLController
 from lit_align.rewards import CharacterFractionReward
 

@@ -3,6 +3,7 @@ pre-training text source for PPO-ptx."""
 
 from __future__ import annotations
 
+import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,24 @@ from lit_align.data.tokenize import SegmentEncoder, check_messages, check_text
 from lit_align.models import load_tokenizer
 
 
+def _template_fields(template: str) -> list[str]:
+    """The field names a ``str.format`` template reads (``"{question}"`` -> ``["question"]``); only plain names."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"prompt_template {template!r}: {{{name}}} is not a plain field name")
+        names.append(name)
+    return names
+
+
 @dataclass
 class PromptCollator:
     """Left-pads prompts for generation: ``input_ids``, ``attention_mask``, ``position_ids`` (counting real tokens
-    only, so padding never shifts positions) ``[B, P]``, and ``prompt_text`` (a list of the prompts as text, for
-    reward functions that read text).
+    only, so padding never shifts positions) ``[B, P]``, ``prompt_text`` (a list of the prompts as text, for
+    reward functions that read text) and, when the examples carry one, ``references`` (a list of reference answers
+    for reward functions that check them).
 
     Args:
         pad_token_id: id written at pad positions.
@@ -36,12 +50,15 @@ class PromptCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ids = [e["prompt_ids"] for e in examples]
         attention_mask = pad_sequences([[1] * len(s) for s in ids], 0, "left")
-        return {
+        batch = {
             "input_ids": pad_sequences(ids, self.pad_token_id, "left"),
             "attention_mask": attention_mask,
             "position_ids": position_ids_from_mask(attention_mask),
             "prompt_text": [e["prompt_text"] for e in examples],
         }
+        if examples and all("reference" in e for e in examples):
+            batch["references"] = [e["reference"] for e in examples]
+        return batch
 
 
 class PromptDataModule(RecordsDataModule):
@@ -50,7 +67,8 @@ class PromptDataModule(RecordsDataModule):
     Prompt rows (detected per row): ``{"prompt": "..."}``; chat (``{"messages": [...]}`` or ``{"prompt": [...]}``;
     a trailing assistant turn is dropped and the template's generation prompt added); the prompt side of
     preference rows (explicit, implicit Anthropic HH, ranked) and of instruction rows (Alpaca, Self-Instruct
-    instances, prompt/completion, FLAN templates are not used here). Bad rows are named or counted, as everywhere.
+    instances, prompt/completion, FLAN templates are not used here); or any row rendered by ``prompt_template``
+    (GSM8K's ``{"question", "answer"}``). Bad rows are named or counted, as everywhere.
 
     Args:
         tokenizer: a tokenizer, or a name/path; under ``lit-align`` it follows the model's.
@@ -59,6 +77,10 @@ class PromptDataModule(RecordsDataModule):
         val_fraction: fraction of rows held out when ``val_data`` is not given.
         pretrain_data: text for the pre-training mix (rows ``{"text"}`` or any instruction shape, every token
             labelled); ``None`` for no ptx batches.
+        prompt_template: a ``str.format`` template that renders each row's fields into its prompt, e.g.
+            ``"Question: {question}\nAnswer:"`` for GSM8K; ``None`` reads the row shapes above.
+        reference_field: a row field handed to reward functions as ``references`` (e.g. GSM8K's ``answer``, for
+            :class:`~lit_align.rewards.NumericAnswerReward`); ``None`` for none.
         max_prompt_length: longest prompt in tokens; longer prompts keep their last tokens (after any BOS).
         max_pretrain_length: longest pre-training sequence in tokens (cut at the end).
         assistant_marker: where implicit preference dialogues are split into prompt and response.
@@ -75,6 +97,8 @@ class PromptDataModule(RecordsDataModule):
         val_data: DataSource | list[str] | None = None,
         val_fraction: float = 0.0,
         pretrain_data: DataSource | list[str] | None = None,
+        prompt_template: str | None = None,
+        reference_field: str | None = None,
         max_prompt_length: int = 256,
         max_pretrain_length: int = 256,
         assistant_marker: str = "\n\nAssistant:",
@@ -87,6 +111,8 @@ class PromptDataModule(RecordsDataModule):
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
         self.pretrain_data = pretrain_data
+        self.prompt_template, self.reference_field = prompt_template, reference_field
+        self._template_fields = _template_fields(prompt_template) if prompt_template is not None else []
         self.max_prompt_length, self.max_pretrain_length = max_prompt_length, max_pretrain_length
         self.bad_rows = bad_rows
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -109,6 +135,14 @@ class PromptDataModule(RecordsDataModule):
         row, where = record.row, record.where
         if not isinstance(row, Mapping):
             raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
+        if self.prompt_template is not None:
+            fields = {}
+            for name in self._template_fields:
+                if name not in row:
+                    raise DataError(where, name, f"is missing (prompt_template {self.prompt_template!r} needs it)")
+                value = row[name]
+                fields[name] = check_text(value if not isinstance(value, int | float) else str(value), where, name)
+            return [self.prompt_template.format(**fields)]
         if "chosen" in row or "responses" in row:
             return ["".join(text for text, _ in self._preferences.parse(record).prompt)]
         messages = row.get("messages", row.get("prompt"))
@@ -144,7 +178,12 @@ class PromptDataModule(RecordsDataModule):
                 keep = len(self.encoder.prefix)
                 ids = ids[:keep] + ids[len(ids) - (self.max_prompt_length - keep) :]
                 counts["prompt_truncated"] += 1
-            examples.append({"prompt_ids": ids, "prompt_text": text})
+            example = {"prompt_ids": ids, "prompt_text": text}
+            if self.reference_field is not None:
+                value = record.row.get(self.reference_field)
+                value = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+                example["reference"] = check_text(value, record.where, self.reference_field)
+            examples.append(example)
         return examples
 
     # ----- pre-training mix ---------------------------------------------------------------------------------------

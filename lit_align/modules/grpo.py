@@ -20,7 +20,7 @@ from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
 from lit_align.models import load_reward_model, load_tokenizer
 from lit_align.modules.base import AlignModule, backbone_hidden_states, score_head, unembedding_logps, zero_dropout
 from lit_align.modules.reward import OFFSET_KEY
-from lit_align.rewards import RewardFunction
+from lit_align.rewards import RewardFunction, score_text
 
 
 @dataclass
@@ -234,21 +234,14 @@ class GRPOModule(AlignModule):
         return examples, mask, completions
 
     def compute_rewards(
-        self, prompts: Sequence[str], completions: Sequence[str], batch: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """``[N, F]`` scores of each completion by each reward function (or ``[N, 1]`` by the reward model, read at
-        each completion's last token of the packed ``batch``)."""
+        self, prompts: Sequence[str], completions: Sequence[str], batch: Mapping[str, torch.Tensor],
+        references: Sequence[str] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``[N, F]`` scores of each completion by each reward function (given the data's ``references`` when it has
+        them), or ``[N, 1]`` by the reward model, read at each completion's last token of the packed ``batch``."""
         if self.reward_fns:
-            columns = []
-            for fn in self.reward_fns:
-                scores = torch.as_tensor(fn(prompts, completions), dtype=torch.float32).to(self.device)
-                if scores.shape != (len(completions),):
-                    raise ValueError(
-                        f"reward function {type(fn).__name__} returned shape {tuple(scores.shape)} for "
-                        f"{len(completions)} completions"
-                    )
-                columns.append(scores)
-            return torch.stack(columns, -1)
+            columns = [score_text(fn, prompts, completions, references) for fn in self.reward_fns]
+            return torch.stack(columns, -1).to(self.device)
         hidden = backbone_hidden_states(self.reward_model, batch)
         last = hidden[batch["response_row"], batch["response_end"]]
         return (score_head(self.reward_model)(last).float() - self.reward_offset).reshape(-1, 1)
@@ -264,13 +257,13 @@ class GRPOModule(AlignModule):
         step = self.mini_batch_size or n_prompts
         chunks = [examples[s : s + step] for s in range(0, n_prompts, step)]
         batches = [self.collate(chunk) for chunk in chunks]
-        texts = tok.batch_decode(completions, skip_special_tokens=True) if self.reward_fns else None
-        prompt_texts = [p for p in prompts["prompt_text"] for _ in range(g)] if self.reward_fns else None
-        per_fn = (
-            self.compute_rewards(prompt_texts, texts, {})
-            if self.reward_fns
-            else torch.cat([self.compute_rewards([], [], b) for b in batches])
-        )
+        if self.reward_fns:
+            texts = tok.batch_decode(completions, skip_special_tokens=True)
+            repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
+            references = repeat(prompts["references"]) if "references" in prompts else None
+            per_fn = self.compute_rewards(repeat(prompts["prompt_text"]), texts, {}, references)
+        else:
+            per_fn = torch.cat([self.compute_rewards([], [], b) for b in batches])
         rewards = (per_fn * self.reward_weights.to(per_fn.device)).sum(-1)
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~has_eos).float()
@@ -361,7 +354,8 @@ class GRPOModule(AlignModule):
         """One sampled completion per prompt: its mean reward and length."""
         examples, mask, completions = self.sample(batch, 1)
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True) if self.reward_fns else []
-        per_fn = self.compute_rewards(batch["prompt_text"], texts, {} if self.reward_fns else self.collate(examples))
+        per_fn = self.compute_rewards(batch["prompt_text"], texts, {} if self.reward_fns else self.collate(examples),
+                                      batch.get("references"))  # fmt: skip
         rewards = (per_fn * self.reward_weights.to(per_fn.device)).sum(-1)
         for name, value in (("reward_mean", rewards.mean()), ("response_length", mask.float().sum(-1).mean())):
             self.val_metrics[name].update(value)

@@ -35,7 +35,7 @@ from lit_align.modules.base import (
 )
 from lit_align.modules.reward import OFFSET_KEY
 from lit_align.optim import WarmupCosineLR, default_optimizer
-from lit_align.rewards import RewardFunction
+from lit_align.rewards import RewardFunction, score_text
 
 
 # ----- KL controllers ----------------------------------------------------------------------------------------------
@@ -292,10 +292,11 @@ class PPOModule(AlignModule):
         return out.index_put((rows, offsets), values)
 
     def score(self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
-              prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:  # fmt: skip
+              prompts: Sequence[str], responses: Sequence[str],
+              references: Sequence[str] | None = None) -> torch.Tensor:  # fmt: skip
         """``[B]`` scores: ``reward_fn`` on text, or the reward model at each response's last token."""
         if self.reward_fn is not None:
-            return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).to(self.device)
+            return score_text(self.reward_fn, prompts, responses, references).to(self.device)
         hidden = backbone_hidden_states(self.reward_model, sequences)
         last = prompt_length - 1 + response_mask.sum(-1).clamp(min=1)
         rows = torch.arange(len(last), device=last.device)
@@ -336,7 +337,8 @@ class PPOModule(AlignModule):
             parts["ref_logps"].append(self.token_logps(self.ref_model, seq, mask, prompt_length)[0])
             parts["values"].append(self.token_values(seq, mask, prompt_length, hidden))
             text = texts[part] if texts is not None else None
-            parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], text))
+            references = prompts["references"][part] if "references" in prompts else None
+            parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], text, references))
         logps, ref_logps, values, scores = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values", "scores"))
         raw_scores = scores
         has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)

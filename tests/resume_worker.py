@@ -11,7 +11,15 @@ import sys
 import lightning as L
 import torch
 
-from lit_align import DPOModule, InstructionDataModule, PPOModule, PreferenceDataModule, PromptDataModule, SFTModule
+from lit_align import (
+    DPOModule,
+    GRPOModule,
+    InstructionDataModule,
+    PPOModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    SFTModule,
+)
 from lit_align.data.sources import read_records
 from lit_align.modules.base import batch_fingerprint
 from lit_align.rewards import CharacterFractionReward
@@ -32,7 +40,8 @@ class Record(L.Callback):
             "epoch": trainer.current_epoch,
             "batch_idx": batch_idx,
             "batch": batch_fingerprint(batch),
-            # PPO (manual optimisation) returns no loss: its rollout's mean reward and KL coefficient stand in
+            # PPO and GRPO (manual optimisation) return no loss: the rollout's mean reward (and PPO's KL coefficient)
+            # stand in
             "loss": float(outputs["loss"] if outputs else trainer.callback_metrics["train/reward_mean_step"]).hex(),
             "kl_coef": float(getattr(getattr(module, "kl_controller", None), "value", 0.0)).hex(),
             "lr": float(self.lr).hex(),
@@ -54,6 +63,14 @@ def main() -> None:
         module = PPOModule(
             lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8, mini_batch_size=4, ppo_epochs=1,
             adaptive_kl=True, kl_target=0.5, kl_horizon=50,
+        )  # fmt: skip
+        data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=4)
+        data.setup()
+        data.train_dataset = data.train_dataset[:22]
+    elif method == "grpo":  # two optimizer steps per batch of 4 prompts (one for the last, of 2)
+        module = GRPOModule(
+            lr=3e-3, reward_fn=CharacterFractionReward(" "), group_size=4, max_new_tokens=8, mini_batch_size=2,
+            kl_coef=0.04,
         )  # fmt: skip
         data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=4)
         data.setup()

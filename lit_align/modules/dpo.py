@@ -8,7 +8,6 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from lit_align.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, grouped_mean
 from lit_align.models import load_causal_lm
-from lit_align.modules.base import AlignModule, response_logps, zero_dropout
+from lit_align.modules.base import AlignModule, eval_mode, response_logps, zero_dropout
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +162,6 @@ class DPOModule(AlignModule):
             reference = copy.deepcopy(self.model)
         return reference.requires_grad_(False).eval()
 
-    @contextmanager
-    def _eval_mode(self, model: nn.Module):
-        was_training = model.training
-        model.eval()
-        try:
-            yield model
-        finally:
-            model.train(was_training)
-
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """``[N]`` reference log-probs of the batch's responses (``None`` when reference-free)."""
         if self.reference == "none":
@@ -185,7 +175,7 @@ class DPOModule(AlignModule):
             return batch["ref_logps"].float()
         with torch.no_grad():
             if self.reference == "adapter":
-                with self._eval_mode(self.model), self.model.disable_adapter():
+                with eval_mode(self.model), self.model.disable_adapter():
                     return response_logps(self.model, batch)
             return response_logps(self.ref_model, batch)
 
@@ -253,7 +243,7 @@ class DPOModule(AlignModule):
         batch_size = self.ref_batch_size or datamodule.batch_size
         mine = list(range(rank, len(examples), world))
         results: dict[int, torch.Tensor] = {}
-        with self._eval_mode(reference):
+        with eval_mode(reference):
             for start in range(0, len(mine), batch_size):
                 indices = mine[start : start + batch_size]
                 batch = datamodule.collator([_without_ref(examples[i]) for i in indices])

@@ -17,9 +17,8 @@ from torchmetrics import MeanMetric
 from lit_align.data.preference import PreferenceCollator
 from lit_align.generation import Generator, HFGenerator, response_mask_from
 from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
-from lit_align.models import load_reward_model, load_tokenizer
-from lit_align.modules.base import AlignModule, backbone_hidden_states, score_head, unembedding_logps, zero_dropout
-from lit_align.modules.reward import OFFSET_KEY
+from lit_align.modules.base import AlignModule, backbone_hidden_states, eval_mode, unembedding_logps, zero_dropout
+from lit_align.modules.reward import load_frozen_reward_model, response_rewards
 from lit_align.rewards import RewardFunction, score_text
 
 
@@ -159,18 +158,10 @@ class GRPOModule(AlignModule):
         if self.kl_coef != 0 and self.ref_model is None and self.lora is None:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.reward_model is None and self.reward_model_name is not None:
-            if self.reward_model_name != "tiny" and self.model_name_or_path != self.reward_model_name:
-                reward_vocab = load_tokenizer(self.reward_model_name, self.trust_remote_code).get_vocab()
-                if reward_vocab != self.tokenizer.get_vocab():
-                    raise ValueError(
-                        f"reward model {self.reward_model_name!r} has another tokenizer than the policy; it scores "
-                        "the policy's token ids, so they must match (or score text with reward_fn)"
-                    )
-            self.reward_model = load_reward_model(
-                self.reward_model_name, self.tokenizer, self.dtype_name, self.trust_remote_code
-            )
-            self.reward_offset = float(getattr(self.reward_model.config, OFFSET_KEY, 0.0))
-            self.reward_model.requires_grad_(False).eval()
+            self.reward_model, self.reward_offset = load_frozen_reward_model(
+                self.reward_model_name, self.tokenizer, self.model_name_or_path, self.dtype_name,
+                self.trust_remote_code,
+            )  # fmt: skip
 
     @contextmanager
     def _reference(self):
@@ -178,13 +169,8 @@ class GRPOModule(AlignModule):
         if self.ref_model is not None:
             yield self.ref_model
             return
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                yield self.model
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), self.model.disable_adapter():
+            yield self.model
 
     # ----- per-token log-probs ----------------------------------------------------------------------------------------
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -214,14 +200,12 @@ class GRPOModule(AlignModule):
     def sample(self, prompts: Mapping[str, Any], n: int) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
         """``n`` completions per prompt: ``(examples, completion_mask [B n, R], completion_ids [B n, R])``."""
         tok = self.tokenizer
-        was_training = self.model.training
-        self.model.eval()
-        completions = self.generator(
-            self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, num_samples=n,
-        )  # fmt: skip
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            completions = self.generator(
+                self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, num_samples=n,
+            )  # fmt: skip
         mask = response_mask_from(completions, tok.eos_token_id)
         completions = completions.masked_fill(mask == 0, tok.pad_token_id)
         lengths = mask.sum(-1).tolist()
@@ -242,9 +226,7 @@ class GRPOModule(AlignModule):
         if self.reward_fns:
             columns = [score_text(fn, prompts, completions, references) for fn in self.reward_fns]
             return torch.stack(columns, -1).to(self.device)
-        hidden = backbone_hidden_states(self.reward_model, batch)
-        last = hidden[batch["response_row"], batch["response_end"]]
-        return (score_head(self.reward_model)(last).float() - self.reward_offset).reshape(-1, 1)
+        return (response_rewards(self.reward_model, batch) - self.reward_offset).unsqueeze(-1)
 
     @torch.no_grad()
     def rollout(self, prompts: Mapping[str, Any]) -> GroupRollout:
@@ -271,21 +253,12 @@ class GRPOModule(AlignModule):
         policy_moves = self.num_iterations > 1 or len(chunks) > 1
         old_logps = ref_logps = None
         if policy_moves:
-            with self._eval_mode(self.model):
+            with eval_mode(self.model):
                 old_logps = torch.cat([self.completion_logps(self.model, b, width)[0] for b in batches])
         if self.kl_coef != 0:
             with self._reference() as reference:
                 ref_logps = torch.cat([self.completion_logps(reference, b, width)[0] for b in batches])
         return GroupRollout(examples, mask, rewards, per_fn, advantages, zero_std, has_eos, old_logps, ref_logps)
-
-    @contextmanager
-    def _eval_mode(self, model: nn.Module):
-        was_training = model.training
-        model.eval()
-        try:
-            yield
-        finally:
-            model.train(was_training)
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer: Any) -> None:

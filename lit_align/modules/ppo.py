@@ -23,7 +23,6 @@ from lit_align.losses import (
     ppo_value_loss,
     whiten,
 )
-from lit_align.models import load_reward_model, load_tokenizer
 from lit_align.modules.base import (
     AlignModule,
     backbone_hidden_states,
@@ -33,7 +32,7 @@ from lit_align.modules.base import (
     unwrap_model,
     zero_dropout,
 )
-from lit_align.modules.reward import OFFSET_KEY
+from lit_align.modules.reward import load_frozen_reward_model
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.rewards import RewardFunction, score_text
 
@@ -226,18 +225,10 @@ class PPOModule(AlignModule):
         if self.ref_model is None:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.reward_model is None and self.reward_model_name is not None:
-            if self.reward_model_name != "tiny" and self.model_name_or_path != self.reward_model_name:
-                reward_vocab = load_tokenizer(self.reward_model_name, self.trust_remote_code).get_vocab()
-                if reward_vocab != self.tokenizer.get_vocab():
-                    raise ValueError(
-                        f"reward model {self.reward_model_name!r} has another tokenizer than the policy; it scores "
-                        "the policy's token ids, so they must match (or score text with reward_fn)"
-                    )
-            self.reward_model = load_reward_model(
-                self.reward_model_name, self.tokenizer, self.dtype_name, self.trust_remote_code
-            )
-            self.reward_offset = float(getattr(self.reward_model.config, OFFSET_KEY, 0.0))
-            self.reward_model.requires_grad_(False).eval()
+            self.reward_model, self.reward_offset = load_frozen_reward_model(
+                self.reward_model_name, self.tokenizer, self.model_name_or_path, self.dtype_name,
+                self.trust_remote_code,
+            )  # fmt: skip
         if self.value_model is None:
             if self.value_model_kind == "reward":
                 self.value_model = copy.deepcopy(self.reward_model).requires_grad_(True).train()

@@ -39,8 +39,8 @@ class HFGenerator:
     """Sampling with Hugging Face ``generate`` and its KV cache, from left-padded prompts.
 
     With ``num_samples > 1`` (GRPO's group) each prompt is prefilled once and its KV cache repeated for its samples,
-    instead of prefilling the same prompt ``num_samples`` times; models whose cache cannot be repeated that way fall
-    back to repeating the prompt.
+    instead of prefilling the same prompt ``num_samples`` times; where that does not fit the model (see
+    :meth:`prompt_cache`) the prompt is repeated and prefilled as usual.
 
     Args:
         generate_kwargs: further arguments for ``generate`` (``min_new_tokens``, ``top_k``, ``repetition_penalty``,
@@ -59,7 +59,11 @@ class HFGenerator:
                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)  # fmt: skip
         options.update(self.generate_kwargs)
         if num_samples > 1:
-            cache = self.prompt_cache(lm, input_ids, attention_mask, num_samples) if self.share_prompt_cache else None
+            cache = (
+                self.prompt_cache(lm, input_ids, attention_mask, num_samples, **self.generate_kwargs)
+                if self.share_prompt_cache
+                else None
+            )
             input_ids = input_ids.repeat_interleave(num_samples, 0)
             attention_mask = attention_mask.repeat_interleave(num_samples, 0)
             if cache is not None:
@@ -69,21 +73,31 @@ class HFGenerator:
 
     @staticmethod
     @torch.no_grad()
-    def prompt_cache(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int) -> Any:
+    def prompt_cache(
+        lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int, **generate_kwargs: Any
+    ) -> Any:
         """The KV cache of every prompt but its last token (``generate`` feeds that one), each row repeated
-        ``repeats`` times; ``None`` where the model's cache does not support it."""
+        ``repeats`` times; ``None`` (prefill every repeated prompt instead) unless the model's cache is a plain
+        dynamic key/value cache: a model or call that asks for another cache implementation, recurrent or
+        linear-attention state (which repeating keys and values would not copy), or an empty prompt."""
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        if input_ids.shape[1] < 2 or not getattr(lm, "_supports_cache_class", True):
+        config = getattr(lm, "generation_config", None)
+        asked = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        if input_ids.shape[1] < 2 or asked is not None:
             return None
         try:
             cache = DynamicCache(config=lm.config)
             mask = attention_mask[:, :-1]
             lm(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=position_ids_from_mask(mask),
                use_cache=True, logits_to_keep=1, **{_cache_argument(lm): cache})  # fmt: skip
+            if not cache.layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)
+                                       for layer in cache.layers):  # fmt: skip
+                return None
             cache.batch_repeat_interleave(repeats)
-        except (TypeError, ValueError, NotImplementedError, AttributeError) as error:
-            rank_zero_warn(f"{type(lm).__name__}: prompts are prefilled once per sample ({error})")
+        except Exception as error:  # any model this path does not fit falls back to repeating the prompt
+            rank_zero_warn(f"{type(lm).__name__}: prompts are prefilled once per sample ({error!r})")
             return None
         return cache
 

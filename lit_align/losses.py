@@ -488,8 +488,9 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def grpo_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Group-relative advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2, outcome supervision): each completion's
     reward minus the mean reward of the completions sampled for the same prompt, divided by a standard deviation.
 
@@ -500,6 +501,8 @@ def grpo_advantages(
             ``N`` rewards, more robust when a group's rewards are nearly equal), or ``"none"`` (no division, Dr. GRPO,
             Liu et al. 2025, which removes the difficulty bias of the division).
         eps: added to the standard deviation (a group with equal rewards gets advantage 0, not a division by 0).
+        batch_std: the standard deviation for ``"batch"``; by default that of ``rewards`` (under data parallelism pass
+            the one over every device's rewards).
 
     Returns:
         ``(advantages [N], zero_std [N])``: fp32 advantages, and whether the group's rewards were all equal (such a
@@ -516,7 +519,8 @@ def grpo_advantages(
     if scale == "group":
         return centred / (group_std.reshape(-1) + eps), zero_std
     if scale == "batch":
-        batch_std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float32)
+        if batch_std is None:
+            batch_std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float32)
         return centred / (batch_std + eps), zero_std
     if scale == "none":
         return centred, zero_std
@@ -544,8 +548,9 @@ def grpo_policy_loss(
     - ``"grpo"``: each completion's mean over its tokens, then the mean over completions (the paper; longer
       completions weigh less per token);
     - ``"bnpo"``: the mean over all tokens of the batch;
-    - ``"dapo"``: the sum over tokens divided by ``n_tokens`` (the token count of the whole generation batch
-      across devices, DAPO, Yu et al. 2025; defaults to this batch's count);
+    - ``"dapo"``: the sum over tokens divided by ``n_tokens`` (DAPO, Yu et al. 2025: the generation batch's token
+      count over all devices, divided by the number of devices and of optimizer steps it is split into, as TRL
+      divides; defaults to this batch's count);
     - ``"dr_grpo"``: the sum divided by ``completions x max_completion_length`` (Dr. GRPO, Liu et al. 2025: a
       constant, so no length bias).
 
@@ -561,7 +566,7 @@ def grpo_policy_loss(
             "clip-higher" sets it larger).
         loss_type: the token aggregation above.
         max_completion_length: ``R_max`` for ``"dr_grpo"``.
-        n_tokens: the normaliser for ``"dapo"``.
+        n_tokens: the normaliser for ``"dapo"`` (see above).
 
     Returns:
         ``(loss, stats)``: the scalar fp32 loss and detached per-token means: ``kl`` (the k3 estimate, 0 without a

@@ -30,6 +30,8 @@ def test_group_advantages_by_hand():
     batch_std = math.sqrt(sum((r - 3.5) ** 2 for r in rewards.tolist()) / 5)
     advantages, _ = grpo_advantages(rewards, 3, "batch", eps=0.0)
     assert torch.allclose(advantages, torch.tensor([-1.0, 0, 1, 0, 0, 0]) / batch_std)
+    advantages, _ = grpo_advantages(rewards, 3, "batch", eps=0.0, batch_std=torch.tensor(2.0))  # all devices' std
+    assert advantages.tolist() == [-0.5, 0.0, 0.5, 0.0, 0.0, 0.0]
     advantages, _ = grpo_advantages(rewards, 3, "none")
     assert advantages.tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="group_size=4"):
@@ -202,10 +204,20 @@ def test_group_sampling_prefills_each_prompt_once_with_the_same_completions():
     kwargs = dict(max_new_tokens=6, temperature=1.0, top_p=1.0, eos_token_id=module.tokenizer.eos_token_id,
                   pad_token_id=module.tokenizer.pad_token_id, num_samples=3)  # fmt: skip
     module.model.eval()
+    shapes = []
+    module.model.register_forward_pre_hook(
+        lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     shared = HFGenerator({"do_sample": False})(*args, **kwargs)
+    n_prompts, length = prompts["input_ids"].shape
+    # one prefill of the 3 prompts (all but their last token), then decoding feeds one token per row
+    assert shapes[:2] == [(n_prompts, length - 1), (3 * n_prompts, 1)]
+    shapes.clear()
     repeated = HFGenerator({"do_sample": False}, share_prompt_cache=False)(*args, **kwargs)
+    assert shapes[0] == (3 * n_prompts, length)  # every repeated prompt prefilled
     assert shared.shape == (9, 6) and torch.equal(shared, repeated)
-    assert HFGenerator.prompt_cache(module.model, *args[1:], 3) is not None  # the shared path was taken
+    # a model or call that asks for another cache implementation is not given a dynamic cache
+    assert HFGenerator.prompt_cache(module.model, *args[1:], 3, cache_implementation="static") is None
 
 
 def test_rollout_needs_old_log_probs_only_when_the_policy_moves_and_reference_only_with_kl():
@@ -232,6 +244,8 @@ def test_several_reward_functions_are_weighted_and_bad_rewards_are_named():
         GRPOModule(model="tiny")
     with pytest.raises(ValueError, match="group_size must be at least 2"):
         GRPOModule(model="tiny", reward_fn=LengthReward(), group_size=1)
+    with pytest.raises(ValueError, match="unknown scale_rewards 'std'"):
+        GRPOModule(model="tiny", reward_fn=LengthReward(), scale_rewards="std")
 
 
 def test_reward_functions_get_each_completion_with_its_prompt_and_reference_answer(tiny_tokenizer):
@@ -287,6 +301,22 @@ def test_training_moves_the_policy_never_the_reference(tmp_path, mini_batch_size
     for key in ("train/reward_mean", "train/kl", "train/entropy", "train/policy_loss", "val/reward_mean"):
         assert torch.isfinite(logged[key]), key
     assert not any(k.startswith("ref_model.") for k in module.state_dict())  # the reference is never saved
+
+
+def test_max_steps_counts_optimizer_steps_and_the_schedule_spans_the_run(tmp_path):
+    """Two prompts per batch, one per optimizer step: max_steps=4 is two batches, and the learning-rate schedule,
+    stepped once per batch, is two steps long (it ends the run at its floor, not a quarter of the way down)."""
+    module = GRPOModule(model="tiny", reward_fn=CharacterFractionReward(), group_size=2, max_new_tokens=4,
+                        mini_batch_size=1)  # fmt: skip
+    data = PromptDataModule(module.tokenizer, batch_size=2, max_prompt_length=16)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, data)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == 4 and scheduler.total_steps == 2 and scheduler.last_epoch == 2
+    with pytest.raises(ValueError, match="no pre-training mix"):
+        data = PromptDataModule(module.tokenizer, pretrain_data="bundled:self_instruct_seed_tasks.jsonl")
+        L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(module, data)
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled():

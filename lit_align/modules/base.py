@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -96,7 +97,8 @@ def backbone_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) 
         elif implementation != "sdpa":
             raise ValueError(
                 f"share_prompt needs an attention implementation that takes a custom mask (sdpa or eager); this "
-                f"model uses {implementation!r}. Set share_prompt: false on the DataModule."
+                f"model uses {implementation!r}. Set share_prompt: false (on the PreferenceDataModule; for GRPO on the "
+                "GRPOModule)."
             )
     else:
         attention_mask = batch["attention_mask"]
@@ -244,7 +246,7 @@ class AlignModule(L.LightningModule):
         tokenizer: a tokenizer or its name/path; by default the one that goes with ``model``.
         lr: peak learning rate, applied to whichever optimizer is used.
         optimizer: optimizer factory (``class_path`` in YAML); default AdamW with betas (0.9, 0.95), as InstructGPT.
-        lr_scheduler: schedule factory, stepped every optimizer step; default
+        lr_scheduler: schedule factory, stepped every optimizer step (PPO and GRPO: every rollout batch); default
             :class:`~lit_align.optim.WarmupCosineLR` (3% warm-up, cosine decay to 10%).
         dtype: dtype to load the weights in (``"bfloat16"``, ``"float16"``, ``"float32"``); by default as stored for
             hub models and fp32 for ``tiny``. Mixed precision is the Trainer's ``precision``.
@@ -382,7 +384,19 @@ class AlignModule(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-                scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+                scheduler.set_total_steps(self.scheduler_steps())
+
+    def scheduler_steps(self) -> int:
+        """How many times the schedule will be stepped in this run."""
+        total = self.trainer.estimated_stepping_batches
+        if not self.automatic_optimization and self.trainer.max_steps > 0:
+            # max_steps counts optimizer steps; on-policy methods step their schedules once per rollout batch
+            total = min(total, math.ceil(self.trainer.max_steps / self.optimizer_steps_per_batch()))
+        return int(total)
+
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps (as Lightning's ``global_step`` counts them) per training batch."""
+        return 1
 
     # ----- numerical guard --------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -124,6 +124,8 @@ class GRPOModule(AlignModule):
             raise ValueError(f"group_size must be at least 2 (advantages are relative to the group), got {group_size}")
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")
+        if scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"unknown scale_rewards {scale_rewards!r}; choose 'group', 'batch' or 'none'")
         if max_new_tokens < 1 or num_iterations < 1 or (mini_batch_size is not None and mini_batch_size < 1):
             raise ValueError("max_new_tokens, num_iterations and mini_batch_size must be at least 1")
         self.automatic_optimization = False
@@ -249,7 +251,10 @@ class GRPOModule(AlignModule):
         rewards = (per_fn * self.reward_weights.to(per_fn.device)).sum(-1)
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~has_eos).float()
-        advantages, zero_std = grpo_advantages(rewards, g, self.scale_rewards)
+        batch_std = None
+        if self.scale_rewards == "batch" and self._trainer is not None and self.trainer.world_size > 1:
+            batch_std = self.all_gather(rewards).flatten().std()  # the batch is every device's
+        advantages, zero_std = grpo_advantages(rewards, g, self.scale_rewards, batch_std=batch_std)
         policy_moves = self.num_iterations > 1 or len(chunks) > 1
         old_logps = ref_logps = None
         if policy_moves:
@@ -261,6 +266,15 @@ class GRPOModule(AlignModule):
         return GroupRollout(examples, mask, rewards, per_fn, advantages, zero_std, has_eos, old_logps, ref_logps)
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if getattr(datamodule, "pretrain_data", None) is not None:
+            raise ValueError("GRPO has no pre-training mix: set pretrain_data: null on the PromptDataModule")
+
+    def optimizer_steps_per_batch(self) -> int:
+        prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
+        return self.num_iterations * -(-prompts // (self.mini_batch_size or prompts))
+
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         super().on_before_optimizer_step(optimizer)
         if self.max_grad_norm is not None:

@@ -245,6 +245,10 @@ class PPOModule(AlignModule):
                 "strategy='ddp_find_unused_parameters_true'"
             )
 
+    def optimizer_steps_per_batch(self) -> int:
+        prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
+        return 2 * self.ppo_epochs * -(-prompts // self.mini_batch_size)  # a policy and a value step each
+
     # ----- per-token quantities --------------------------------------------------------------------------------------
     def _response_positions(self, rollout_mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, ...]:
         rows, offsets = rollout_mask.nonzero(as_tuple=True)

@@ -303,6 +303,28 @@ def test_training_moves_the_policy_never_the_reference(tmp_path, mini_batch_size
     assert not any(k.startswith("ref_model.") for k in module.state_dict())  # the reference is never saved
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_trains_under_mixed_precision_with_fp32_losses(tmp_path, precision):
+    """Sampling, scoring and the update under autocast: the loss and its statistics stay fp32 and finite, the policy
+    moves (16-mixed on the CPU runs the gradient scaler's code path too)."""
+    torch.manual_seed(0)
+    module = GRPOModule(model="tiny", reward_fn=CharacterFractionReward(), group_size=3, max_new_tokens=6, lr=1e-3)
+    losses = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            losses.append(trainer.callback_metrics["train/policy_loss_step"])
+
+    data = PromptDataModule(module.tokenizer, batch_size=2, max_prompt_length=24)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    L.Trainer(max_steps=2, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              limit_val_batches=0, callbacks=[Spy()], default_root_dir=tmp_path).fit(module, data)  # fmt: skip
+    assert len(losses) == 2 and all(torch.isfinite(x) and x.dtype == torch.float32 for x in losses)
+    assert module.nonfinite_steps == 0
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+
+
 def test_max_steps_counts_optimizer_steps_and_the_schedule_spans_the_run(tmp_path):
     """Two prompts per batch, one per optimizer step: max_steps=4 is two batches, and the learning-rate schedule,
     stepped once per batch, is two steps long (it ends the run at its floor, not a quarter of the way down)."""

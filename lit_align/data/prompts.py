@@ -78,7 +78,7 @@ class PromptDataModule(RecordsDataModule):
         pretrain_data: text for the pre-training mix (rows ``{"text"}`` or any instruction shape, every token
             labelled); ``None`` for no ptx batches.
         prompt_template: a ``str.format`` template that renders each row's fields into its prompt, e.g.
-            ``"Question: {question}\nAnswer:"`` for GSM8K; ``None`` reads the row shapes above.
+            ``"Question: {question}\\nAnswer:"`` for GSM8K; ``None`` reads the row shapes above.
         reference_field: a row field handed to reward functions as ``references`` (e.g. GSM8K's ``answer``, for
             :class:`~lit_align.rewards.NumericAnswerReward`); ``None`` for none.
         max_prompt_length: longest prompt in tokens; longer prompts keep their last tokens (after any BOS).

@@ -298,8 +298,7 @@ class GRPOModule(AlignModule):
         return loss, {**stats, "policy_loss": loss.detach(), "entropy": entropy.mean()}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        prompts = batch["prompts"] if "prompts" in batch else batch
-        rollout = self.rollout(prompts)
+        rollout = self.rollout(batch)
         optimizer = self.optimizers()
         n_prompts = len(rollout.examples)
         step = self.mini_batch_size or n_prompts

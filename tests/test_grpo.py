@@ -230,6 +230,22 @@ def test_rollout_needs_old_log_probs_only_when_the_policy_moves_and_reference_on
     assert torch.allclose(rollout.old_logps, rollout.ref_logps)  # both the starting policy
 
 
+def test_truncated_completions_can_be_left_out_of_the_loss():
+    """DAPO's overlong filtering: with EOS forbidden every completion is cut at max_new_tokens, so with
+    mask_truncated_completions no token counts and the loss (and its gradient) is zero; without it, all do."""
+    generator = HFGenerator({"min_new_tokens": 8})  # no EOS before the 8th token: every completion is truncated
+    for masked in (True, False):
+        module = _module(mask_truncated_completions=masked, generator=generator, kl_coef=0.0)
+        rollout = module.rollout(_prompts(module))
+        assert not rollout.has_eos.any() and rollout.completion_mask.sum() == 9 * 8
+        assert rollout.loss_mask.sum() == (0 if masked else 9 * 8)
+        rollout.advantages = torch.ones_like(rollout.advantages)  # a signal, whatever the rewards were
+        loss, _ = module.policy_objective(rollout, [0, 1, 2], None)
+        loss.backward()
+        grads = [p.grad.abs().sum() for p in module.model.parameters() if p.grad is not None]
+        assert (loss.item() == 0.0 and sum(grads) == 0) if masked else (loss.item() != 0.0 and sum(grads) > 0)
+
+
 def test_several_reward_functions_are_weighted_and_bad_rewards_are_named():
     module = _module(reward_fn=[CharacterFractionReward(), LengthReward(10)], reward_weights=[2.0, 0.5])
     rollout = module.rollout(_prompts(module))

@@ -29,6 +29,7 @@ class GroupRollout:
 
     examples: list[dict[str, Any]]  # per prompt: prompt_ids (real tokens), response_ids (its G completions)
     completion_mask: torch.Tensor  # [N, R] 1 up to and including each completion's first EOS
+    loss_mask: torch.Tensor  # [N, R] the tokens the loss counts: completion_mask, less truncated completions if asked
     rewards: torch.Tensor  # [N] the weighted sum of the reward functions (after any missing-EOS penalty)
     rewards_per_fn: torch.Tensor  # [N, F] each reward function's (or the reward model's) scores
     advantages: torch.Tensor  # [N]
@@ -74,6 +75,8 @@ class GRPOModule(AlignModule):
             step per pass.
         max_new_tokens, temperature, top_p: sampling (log-probs are taken at the same temperature).
         missing_eos_penalty: subtracted from the reward of completions that never emit EOS (``None``: none).
+        mask_truncated_completions: leave completions that never emit EOS (cut at ``max_new_tokens``) out of the
+            loss (DAPO's overlong filtering, Yu et al. 2025); they still count in their group's advantages.
         max_grad_norm: gradient clipping (``None``: none).
         share_prompt: pack a prompt and its group in one row (needs an attention implementation that takes a custom
             mask, sdpa or eager); false scores one row per completion.
@@ -103,6 +106,7 @@ class GRPOModule(AlignModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         missing_eos_penalty: float | None = None,
+        mask_truncated_completions: bool = False,
         max_grad_norm: float | None = 1.0,
         share_prompt: bool = True,
         generator: Generator | None = None,
@@ -137,6 +141,7 @@ class GRPOModule(AlignModule):
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.missing_eos_penalty, self.max_grad_norm = missing_eos_penalty, max_grad_norm
+        self.mask_truncated_completions = mask_truncated_completions
         self.disable_dropout = disable_dropout
         self.generator = generator or HFGenerator()
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, share_prompt=share_prompt)
@@ -263,7 +268,9 @@ class GRPOModule(AlignModule):
         if self.kl_coef != 0:
             with self._reference() as reference:
                 ref_logps = torch.cat([self.completion_logps(reference, b, width)[0] for b in batches])
-        return GroupRollout(examples, mask, rewards, per_fn, advantages, zero_std, has_eos, old_logps, ref_logps)
+        loss_mask = mask * has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
+        return GroupRollout(examples, mask, loss_mask, rewards, per_fn, advantages, zero_std, has_eos, old_logps,
+                            ref_logps)  # fmt: skip
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -290,7 +297,7 @@ class GRPOModule(AlignModule):
         logps, entropy = self.completion_logps(self.model, batch, width, entropy=True)
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         loss, stats = grpo_policy_loss(
-            logps, pick(rollout.old_logps), rollout.advantages[rows], rollout.completion_mask[rows],
+            logps, pick(rollout.old_logps), rollout.advantages[rows], rollout.loss_mask[rows],
             ref_logps=pick(rollout.ref_logps), kl_coef=self.kl_coef, clip_eps=self.clip_eps,
             clip_eps_high=self.clip_eps_high, loss_type=self.loss_type, max_completion_length=self.max_new_tokens,
             n_tokens=n_tokens,
@@ -305,7 +312,7 @@ class GRPOModule(AlignModule):
         n_steps = -(-n_prompts // step)
         n_tokens = None
         if self.loss_type == "dapo":  # every step's tokens over the generation batch's mean, across devices
-            total = self.trainer.strategy.reduce(rollout.completion_mask.sum().float(), reduce_op="sum")
+            total = self.trainer.strategy.reduce(rollout.loss_mask.sum().float(), reduce_op="sum")
             n_tokens = total / (self.trainer.world_size * n_steps)
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(self.num_iterations):

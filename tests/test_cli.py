@@ -18,6 +18,14 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 QUICK = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
 
 
+def _fit(config: str, tmp_path: Path, *overrides: str):
+    """``lit-align fit -c configs/<config>`` writing under ``tmp_path`` and exporting to ``tmp_path / "export"``."""
+    return run(
+        ["fit", "-c", str(REPO / "configs" / config), f"--trainer.default_root_dir={tmp_path}",
+         f"--model.export_dir={tmp_path / 'export'}", *overrides]
+    )  # fmt: skip
+
+
 def test_there_are_configs():
     assert any(c.name == "sft.yaml" for c in CONFIGS)
 
@@ -43,17 +51,12 @@ def test_print_config_is_complete_yaml(capsys):
 
 
 def test_sft_config_trains_checkpoints_and_exports(tmp_path):
-    cli = run(
-        [
-            "fit",
-            "-c",
-            str(REPO / "configs" / "sft.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.export_dir={tmp_path / 'export'}",
-            "--model.lr",
-            "1e-3",
-            *QUICK,
-        ]
+    cli = _fit(
+        "sft.yaml",
+        tmp_path,
+        "--model.lr",
+        "1e-3",
+        *QUICK,
     )
     assert cli.trainer.global_step == 3
     assert cli.model.hparams.lr == 1e-3
@@ -107,17 +110,12 @@ def test_console_script_runs_the_readme_command(tmp_path):
 
 @pytest.mark.parametrize("reference", ["auto", "precomputed"])
 def test_dpo_config_trains_on_hh_and_exports(tmp_path, reference):
-    cli = run(
-        [
-            "fit",
-            "-c",
-            str(REPO / "configs" / "dpo.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.export_dir={tmp_path / 'export'}",
-            f"--model.reference={reference}",
-            f"--model.ref_cache_dir={tmp_path / 'cache'}",
-            *QUICK,
-        ]
+    cli = _fit(
+        "dpo.yaml",
+        tmp_path,
+        f"--model.reference={reference}",
+        f"--model.ref_cache_dir={tmp_path / 'cache'}",
+        *QUICK,
     )
     assert cli.trainer.global_step == 3
     assert cli.datamodule.stats["train"]["pairs"] > 200  # the bundled Anthropic HH sample
@@ -133,19 +131,14 @@ def test_dpo_config_trains_on_hh_and_exports(tmp_path, reference):
 
 
 def test_ppo_config_runs_and_exports_the_policy(tmp_path):
-    cli = run(
-        [
-            "fit",
-            "-c",
-            str(REPO / "configs" / "ppo.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.export_dir={tmp_path / 'export'}",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--model.max_new_tokens=8",
-            "--model.ppo_epochs=1",
-            "--trainer.enable_progress_bar=false",
-        ]
+    cli = _fit(
+        "ppo.yaml",
+        tmp_path,
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--model.max_new_tokens=8",
+        "--model.ppo_epochs=1",
+        "--trainer.enable_progress_bar=false",
     )
     logged = cli.trainer.callback_metrics
     assert {"train/reward_mean", "train/kl", "train/kl_coef", "train/ptx_loss", "val/reward_mean"} <= set(logged)
@@ -154,19 +147,14 @@ def test_ppo_config_runs_and_exports_the_policy(tmp_path):
 
 
 def test_grpo_config_runs_on_gsm8k_and_exports_the_policy(tmp_path):
-    cli = run(
-        [
-            "fit",
-            "-c",
-            str(REPO / "configs" / "grpo.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--model.export_dir={tmp_path / 'export'}",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--model.max_new_tokens=8",
-            "--model.group_size=4",
-            "--trainer.enable_progress_bar=false",
-        ]
+    cli = _fit(
+        "grpo.yaml",
+        tmp_path,
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--model.max_new_tokens=8",
+        "--model.group_size=4",
+        "--trainer.enable_progress_bar=false",
     )
     logged = cli.trainer.callback_metrics
     assert {"train/reward_mean", "train/kl", "train/entropy", "train/zero_std_fraction", "val/reward_mean"} <= set(

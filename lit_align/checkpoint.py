@@ -1,8 +1,11 @@
-"""Checkpoint loading that never runs code from the file and names the file when it is damaged."""
+"""Checkpoint loading that never runs code from the file, verifies the file's checksums, and names the file when it
+is damaged."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import zipfile
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -12,10 +15,43 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded safely: truncated, corrupted, or holding more than tensors and plain data."""
 
 
+_verified: dict[tuple[str, int, int], None] = {}  # files already checked, by (path, size, modification time)
+
+
+def archive_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a file written by ``torch.save``, or ``None``. Such a file is a zip archive in which every
+    record carries the CRC-32 checksum of its bytes, written with it; here every record is read back and its checksum
+    compared, so a flipped byte in tensor data is found (``torch.load`` itself does not look)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _verified:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        return f"is truncated or corrupted, or not a PyTorch file at all ({type(error).__name__}: {error})"
+    if bad is not None:
+        return f"is corrupted: the checksum (CRC-32) of its record {bad!r} does not match its bytes"
+    _verified[key] = None
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise a :class:`CheckpointError` naming ``path`` unless the local checkpoint file's checksums hold (remote
+    paths and distributed-checkpoint directories are left to their own readers)."""
+    if not os.path.isfile(path):
+        return
+    problem = archive_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} {problem}; resume from an earlier checkpoint")
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with ``weights_only=True`` always (a checkpoint is data: anything that would have to
-    run code to unpickle is refused) and errors that name the file. Writes stay Lightning's atomic ones (serialised in
-    memory, then written through a file-system transaction, so a killed write never replaces a good checkpoint).
+    run code to unpickle is refused), every record's checksum verified before loading, and errors that name the file.
+    Writes stay Lightning's atomic ones (serialised in memory, then written through a file-system transaction, so a
+    killed write never replaces a good checkpoint).
 
     ``lit-align`` installs it on the Trainer; in your own project pass ``Trainer(plugins=[SafeCheckpointIO()])``.
     """
@@ -23,6 +59,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is False:
             raise CheckpointError(f"{path}: lit_align loads checkpoints with weights_only=True only")
+        verify_checkpoint(path)
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:
             return super().load_checkpoint(path, weights_only=True, **kwargs)
@@ -34,7 +71,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     @staticmethod
     def explain(path: Any, error: BaseException) -> CheckpointError:
         """The error to raise for a checkpoint at ``path`` that ``torch.load`` refused with ``error``."""
-        if isinstance(error, pickle.UnpicklingError):
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
             return CheckpointError(
                 f"checkpoint {path} holds objects that only arbitrary code could rebuild: refused (weights_only). "
                 "Checkpoints written by lit_align hold tensors and plain data only."

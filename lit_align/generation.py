@@ -4,7 +4,7 @@ implementation."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -14,11 +14,11 @@ from lit_align.data.collate import position_ids_from_mask
 from lit_align.modules.base import unwrap_model
 
 
-class Generator(Protocol):
+class Generator:
     """Samples completions: a small interface so that a faster engine (vLLM, ...) can replace Hugging Face
     ``generate`` without touching the maths. From ``[B, P]`` left-padded prompts it returns ``[B * num_samples, R]``
     completion ids, the ``num_samples`` completions of a prompt consecutive; after a row's first EOS anything may
-    follow (it is masked)."""
+    follow (it is masked). Subclass it (configs name a subclass with ``class_path``)."""
 
     def __call__(
         self,
@@ -32,10 +32,11 @@ class Generator(Protocol):
         eos_token_id: int,
         pad_token_id: int,
         num_samples: int = 1,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class HFGenerator:
+class HFGenerator(Generator):
     """Sampling with Hugging Face ``generate`` and its KV cache, from left-padded prompts.
 
     With ``num_samples > 1`` (GRPO's group) each prompt is prefilled once and its KV cache repeated for its samples,

@@ -439,14 +439,15 @@ class AlignModule(L.LightningModule):
     # ----- checkpoint extras --------------------------------------------------------------------------------------
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool = True, **kwargs: Any):
-        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` (a checkpoint is data, never code) and an
-        error that names the file when it is refused or damaged."""
+        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` (a checkpoint is data, never code), the
+        file's checksums verified first, and an error that names the file when it is refused or damaged."""
         import pickle
 
-        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO
+        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO, verify_checkpoint
 
         if not weights_only:
             raise CheckpointError(f"{checkpoint_path}: lit_align loads checkpoints with weights_only=True only")
+        verify_checkpoint(checkpoint_path)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
         except (pickle.UnpicklingError, EOFError) as error:

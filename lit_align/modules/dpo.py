@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_align.checkpoint import archive_problem
 from lit_align.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, grouped_mean
 from lit_align.models import load_causal_lm
 from lit_align.modules.base import AlignModule, eval_mode, response_logps, zero_dropout
@@ -338,6 +339,9 @@ def _save_cache(path: Path, values: list[torch.Tensor]) -> None:
 
 def _load_cache(path: Path, n_examples: int) -> list[torch.Tensor]:
     try:
+        problem = archive_problem(path)
+        if problem is not None:
+            raise ValueError(problem)
         data = torch.load(path, weights_only=True)
         values = data["logps"]
         if len(values) != n_examples:
@@ -345,5 +349,5 @@ def _load_cache(path: Path, n_examples: int) -> list[torch.Tensor]:
         return values
     except Exception as error:  # noqa: BLE001 - any unreadable cache is reported the same way
         # The cause stays chained; the message does not repeat torch's advice to load unsafely.
-        message = f"reference log-prob cache {path} is unreadable ({type(error).__name__}); delete it to recompute"
+        message = f"reference log-prob cache {path} is unreadable ({error}); delete it to recompute"
         raise RuntimeError(message) from error

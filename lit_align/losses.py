@@ -500,31 +500,31 @@ def grpo_advantages(
         scale: ``"group"`` (the group's standard deviation, the paper), ``"batch"`` (the standard deviation of all
             ``N`` rewards, more robust when a group's rewards are nearly equal), or ``"none"`` (no division, Dr. GRPO,
             Liu et al. 2025, which removes the difficulty bias of the division).
-        eps: added to the standard deviation (a group with equal rewards gets advantage 0, not a division by 0).
+        eps: added to the standard deviation (it keeps the division finite for nearly equal rewards).
         batch_std: the standard deviation for ``"batch"``; by default that of ``rewards`` (under data parallelism pass
             the one over every device's rewards).
 
     Returns:
         ``(advantages [N], zero_std [N])``: fp32 advantages, and whether the group's rewards were all equal (such a
-        group carries no learning signal). Standard deviations are the unbiased (``N - 1``) estimate, as TRL's.
+        group carries no learning signal, and its advantages are exactly 0 under every ``scale``: its mean is not
+        subtracted in floating point, where one ulp divided by a tiny standard deviation would be a gradient).
+        Computed in fp64. Standard deviations are the unbiased (``N - 1``) estimate, as TRL's.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be [B * group_size] with group_size={group_size}; got {tuple(rewards.shape)}")
-    grouped = rewards.float().view(-1, group_size)
-    centred = (grouped - grouped.mean(-1, keepdim=True)).view(-1)
-    group_std = (grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])).expand_as(
-        grouped
-    )
-    zero_std = torch.isclose(group_std, torch.zeros_like(group_std)).reshape(-1)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}; choose 'group', 'batch' or 'none'")
+    grouped = rewards.double().view(-1, group_size)
+    flat = (grouped == grouped[:, :1]).all(-1, keepdim=True)  # exactly equal rewards: no signal
+    centred = (grouped - grouped.mean(-1, keepdim=True)).masked_fill(flat, 0.0)
     if scale == "group":
-        return centred / (group_std.reshape(-1) + eps), zero_std
-    if scale == "batch":
+        std = grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        centred = centred / (std + eps)
+    elif scale == "batch":
         if batch_std is None:
-            batch_std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float32)
-        return centred / (batch_std + eps), zero_std
-    if scale == "none":
-        return centred, zero_std
-    raise ValueError(f"unknown advantage scale {scale!r}; choose 'group', 'batch' or 'none'")
+            batch_std = rewards.double().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float64)
+        centred = centred / (batch_std.double() + eps)
+    return centred.float().view(-1), flat.expand_as(grouped).reshape(-1)
 
 
 def grpo_policy_loss(

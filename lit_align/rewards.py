@@ -6,10 +6,12 @@ In YAML, name one with ``class_path`` (``lit_align.rewards.*`` is on the CLI's i
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -34,8 +36,21 @@ def score_text(
     """``[N]`` fp32 scores of ``fn`` (given ``references`` only when there are some), checked for shape and finite
     values, so a faulty reward is named instead of turning into a NaN loss."""
     scores = fn(prompts, responses) if references is None else fn(prompts, responses, references=references)
-    scores = torch.as_tensor(scores, dtype=torch.float32)
     name = getattr(fn, "__name__", type(fn).__name__)
+    if isinstance(scores, torch.Tensor):
+        if scores.is_complex():
+            raise ValueError(f"reward function {name} returned a {scores.dtype} tensor; it must return real numbers")
+        scores = scores.detach().to(torch.float32)
+    else:
+        if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence | np.ndarray):
+            raise ValueError(
+                f"reward function {name} returned {type(scores).__name__}; it must return one number per response "
+                f"({len(responses)}), as a list or tensor"
+            )
+        for i, value in enumerate(scores):
+            if not isinstance(value, numbers.Real):
+                raise ValueError(f"reward function {name} returned {value!r} for response {i}; scores must be numbers")
+        scores = torch.tensor([float(v) for v in scores], dtype=torch.float32)
     if scores.shape != (len(responses),):
         raise ValueError(f"reward function {name} returned shape {tuple(scores.shape)} for {len(responses)} responses")
     if not torch.isfinite(scores).all():

@@ -40,6 +40,22 @@ def test_group_advantages_by_hand():
         grpo_advantages(rewards, 3, "rank")
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(scale, reliability):
+    """Eight rewards of 0.35: their fp32 mean is one ulp off 0.35, and divided by ``std + 1e-4`` that ulp became an
+    advantage of 3e-4 for every completion (a gradient from a group with no signal). Exactly 0 under every scale,
+    and the no-signal flag marks exactly the groups whose advantages are 0."""
+    reliability["faults"] += 1
+    flat = torch.full((8,), 0.35)
+    varied = torch.tensor([0.1, 0.9, 0.35, 0.35, 0.2, 0.8, 0.5, 0.5])
+    advantages, zero_std = grpo_advantages(torch.cat([flat, varied, flat * 3]), 8, scale)
+    assert advantages[:8].tolist() == [0.0] * 8 and advantages[16:].tolist() == [0.0] * 8
+    assert (advantages[8:16] != 0).all()
+    assert zero_std.tolist() == [True] * 8 + [False] * 8 + [True] * 8
+    reliability["survived"] += 1
+
+
 def test_group_advantages_use_trls_standard_deviation():
     trl_utils = pytest.importorskip("trl.trainer.utils")
     rewards = torch.randn(4 * 5, generator=torch.Generator().manual_seed(0))
@@ -282,6 +298,17 @@ def test_reward_functions_get_each_completion_with_its_prompt_and_reference_answ
     assert seen["prompts"] == [p for p in batch["prompt_text"] for _ in range(3)]
     assert len(seen["completions"]) == 6 and rollout.zero_std.all()  # equal rewards: no signal, advantage 0
     assert torch.equal(rollout.advantages, torch.zeros(6))
+
+
+def test_no_signal_fraction_agrees_with_the_advantages_the_loss_sees():
+    """A constant reward of 0.35 (not exactly representable): every group is flat, so every advantage is exactly 0
+    and zero_std_fraction is 1; the policy loss then has no gradient from the surrogate (kl_coef 0)."""
+    module = _module(reward_fn=lambda prompts, completions: [0.35] * len(completions), kl_coef=0.0)
+    rollout = module.rollout(_prompts(module))
+    assert rollout.zero_std.all() and torch.equal(rollout.advantages, torch.zeros_like(rollout.advantages))
+    loss, _ = module.policy_objective(rollout, [0, 1, 2], None)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.model.parameters())
 
 
 def test_reward_model_scores_each_completion_at_its_last_token_in_the_packed_row():

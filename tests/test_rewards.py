@@ -47,6 +47,21 @@ def test_score_text_names_a_faulty_reward_function():
     assert score_text(CharacterFractionReward(), ["p"], ["a b"], references=["x"]).tolist() == [pytest.approx(1 / 3)]
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    "returned", [None, [None], ["0.5"], "1", [[0.5]], {"a": 1.0}, 0.5], ids=lambda v: repr(v)
+)  # fmt: skip
+def test_a_reward_function_returning_non_numbers_is_named(returned, reliability):
+    def sloppy(prompts, responses):
+        return returned
+
+    reliability["bad_inputs"] += 1
+    with pytest.raises(ValueError, match="reward function sloppy returned"):
+        score_text(sloppy, ["p"], ["r"])
+    reliability["named_errors"] += 1
+    assert score_text(lambda p, r: [True], ["p"], ["r"]).tolist() == [1.0]  # a pass/fail check counts as 0/1
+
+
 def test_gsm8k_prompts_from_a_template_carry_their_reference_answers(tiny_tokenizer, tmp_path):
     data = PromptDataModule(tiny_tokenizer, GSM8K, prompt_template="Question: {question}\nAnswer:",
                             reference_field="answer", batch_size=4, max_prompt_length=512)  # fmt: skip

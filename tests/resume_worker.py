@@ -1,5 +1,6 @@
 """A training run that records every step, checkpoints after every step, and can kill itself (SIGKILL) before a
-given step: the subject of the exact-resume tests. ``python resume_worker.py OUT CKPT_DIR KILL_AT [RESUME_CKPT]``."""
+given step: the subject of the exact-resume tests. ``python resume_worker.py OUT CKPT_DIR KILL_AT METHOD
+[RESUME_CKPT]``; a METHOD ending in ``+val`` validates after every training batch (after its checkpoint)."""
 
 from __future__ import annotations
 
@@ -53,12 +54,14 @@ class Record(L.Callback):
 def main() -> None:
     out, ckpt_dir, kill_at, method = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     resume = sys.argv[5] if len(sys.argv) > 5 else None
+    method, validate = method.removesuffix("+val"), method.endswith("+val")
+    val_fraction = 0.1 if validate else 0.0
     torch.set_num_threads(1)
     L.seed_everything(0)
     if method == "sft":
         module = SFTModule(lr=3e-3, residual_dropout=0.1)  # dropout: the RNG stream must resume too
         rows = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:40]]
-        data = InstructionDataModule(module.tokenizer, rows, val_fraction=0.0, max_length=96, batch_size=4)
+        data = InstructionDataModule(module.tokenizer, rows, val_fraction=val_fraction, max_length=96, batch_size=4)
     elif method == "ppo":
         module = PPOModule(
             lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8, mini_batch_size=4, ppo_epochs=1,
@@ -72,7 +75,7 @@ def main() -> None:
             lr=3e-3, reward_fn=CharacterFractionReward(" "), group_size=4, max_new_tokens=8, mini_batch_size=2,
             kl_coef=0.04,
         )  # fmt: skip
-        data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=4)
+        data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=4, val_fraction=val_fraction)
         data.setup()
         data.train_dataset = data.train_dataset[:22]
     else:
@@ -90,7 +93,8 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=1 if validate else 0,
+        val_check_interval=1 if validate else None,
         num_sanity_val_steps=0,
         callbacks=[Record(out, kill_at), checkpoints],
     )

@@ -135,7 +135,7 @@ def _records(path: Path) -> tuple[list[dict], dict]:
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     runs = {}
-    for method in ("sft", "dpo", "ppo", "grpo"):
+    for method in ("sft", "dpo", "ppo", "grpo", "sft+val", "grpo+val"):
         assert _train(tmp, method, method) == 0
         runs[method] = _records(tmp / f"{method}.jsonl")
     return runs
@@ -144,7 +144,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method, kill_at",
-    [("sft", 3), ("sft", 6), ("dpo", 4), ("ppo", 6), ("ppo", 12), ("grpo", 4), ("grpo", 11)],
+    [("sft", 3), ("sft", 6), ("dpo", 4), ("ppo", 6), ("ppo", 12), ("grpo", 4), ("grpo", 11), ("sft+val", 3),
+     ("grpo+val", 4)],
     ids=[
         "sft mid-epoch",
         "sft at the epoch boundary",
@@ -153,14 +154,18 @@ def uninterrupted(tmp_path_factory):
         "ppo at the epoch boundary",
         "grpo mid-epoch",
         "grpo at the epoch boundary",
-    ],  # fmt: skip
-)
+        "sft mid-epoch after a validation (dropout)",
+        "grpo mid-epoch after a validation (sampled)",
+    ],
+)  # fmt: skip
 def test_killed_run_resumes_exactly(tmp_path, uninterrupted, reliability, method, kill_at):
     """SIGKILL before step ``kill_at + 1``; resume from the last checkpoint. Every step's batch fingerprint, loss and
     learning rate, and the final weights, equal the uninterrupted run's bit for bit (the SFT run has residual
     dropout and PPO samples its responses, so the RNG streams must come back too; PPO's adaptive KL coefficient is
     compared at every step; GRPO samples groups). PPO counts two optimizer steps per rollout batch, GRPO two per
-    batch of four prompts and one for the epoch's last batch of two (11 steps an epoch)."""
+    batch of four prompts and one for the epoch's last batch of two (11 steps an epoch). The ``+val`` runs validate
+    after every training batch, after its checkpoint: the killed run validated, the resumed one does not, and
+    neither the dropout masks nor GRPO's samples may notice."""
     assert _train(tmp_path, "run", method, kill_at=kill_at) == -9  # killed, not a clean stop
     steps = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     assert steps[-1]["step"] == kill_at

@@ -212,4 +212,5 @@ class RecordsDataModule(L.LightningDataModule):
             shuffle=False,
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),  # no draw from the training RNG (see above)
         )

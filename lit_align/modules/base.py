@@ -357,6 +357,18 @@ class AlignModule(L.LightningModule):
             model = get_peft_model(model, config)
         return model
 
+    def on_validation_start(self) -> None:
+        # Validation draws no random number from the training streams: they are set aside and validation runs on a
+        # stream seeded by the step (repeatable, and the same in a resumed run), so that a run resumed from a
+        # checkpoint that a validation followed continues exactly as the uninterrupted one.
+        self._training_rng = _get_rng_states()
+        torch.manual_seed(VALIDATION_SEED + (self.trainer.global_step if self._trainer is not None else 0))
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_training_rng", None) is not None:
+            _set_rng_states(self._training_rng)
+            self._training_rng = None
+
     def on_validation_epoch_start(self) -> None:
         # Metric states reset under inference mode (by a previous trainer.validate) become inference tensors, which
         # fit's validation loop (run under no_grad) cannot update in place: start each epoch from normal tensors.
@@ -490,6 +502,9 @@ class AlignModule(L.LightningModule):
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path
+
+
+VALIDATION_SEED = 0x5EED  # validation's own random stream starts here (plus the global step)
 
 
 def batch_fingerprint(batch: Any) -> str:

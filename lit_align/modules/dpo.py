@@ -185,6 +185,7 @@ class DPOModule(AlignModule):
         self._attach_reference_logps()
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         if not self.trainer.training and not self.trainer.sanity_checking:  # trainer.validate on its own
             self._attach_reference_logps()
 

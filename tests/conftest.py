@@ -101,6 +101,18 @@ def tiny_tokenizer(tokenizers_by_kind):
     return tokenizers_by_kind["embedded"]
 
 
+# ----- precisions a CPU can really run ------------------------------------------------------------------------------
+def precision_setting(name: str) -> dict:
+    """Trainer arguments for ``name``. ``"bf16-mixed"`` is Lightning's own. Lightning turns ``precision="16-mixed"``
+    on a CPU into bf16, so ``"fp16-scaled"`` passes the plugin explicitly: fp16 autocast on the CPU with a
+    ``GradScaler`` (loss scaling, unscaling before clipping, skipped steps on overflow), fp32 master weights."""
+    if name == "fp16-scaled":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    return {"precision": name}
+
+
 # ----- the reliability summary (pytest -m reliability) ----------------------------------------------------------------
 RELIABILITY = {
     "bad_inputs": 0,

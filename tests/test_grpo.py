@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import precision_setting
 
 from lit_align import GRPOModule, PromptDataModule
 from lit_align.generation import HFGenerator
@@ -346,10 +347,11 @@ def test_training_moves_the_policy_never_the_reference(tmp_path, mini_batch_size
     assert not any(k.startswith("ref_model.") for k in module.state_dict())  # the reference is never saved
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaled"])
 def test_trains_under_mixed_precision_with_fp32_losses(tmp_path, precision):
-    """Sampling, scoring and the update under autocast: the loss and its statistics stay fp32 and finite, the policy
-    moves (16-mixed on the CPU runs the gradient scaler's code path too)."""
+    """Sampling, scoring and the update under bf16 autocast, and under fp16 autocast with a gradient scaler (the
+    explicit plugin; Lightning turns ``precision="16-mixed"`` into bf16 on a CPU): the loss and its statistics stay
+    fp32 and finite, no step is skipped as non-finite, the policy moves."""
     torch.manual_seed(0)
     module = GRPOModule(model="tiny", reward_fn=CharacterFractionReward(), group_size=3, max_new_tokens=6, lr=1e-3)
     losses = []
@@ -361,8 +363,10 @@ def test_trains_under_mixed_precision_with_fp32_losses(tmp_path, precision):
     data = PromptDataModule(module.tokenizer, batch_size=2, max_prompt_length=24)
     module.configure_model()
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    L.Trainer(max_steps=2, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              limit_val_batches=0, callbacks=[Spy()], default_root_dir=tmp_path).fit(module, data)  # fmt: skip
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, callbacks=[Spy()], default_root_dir=tmp_path,
+                        **precision_setting(precision))  # fmt: skip
+    trainer.fit(module, data)
     assert len(losses) == 2 and all(torch.isfinite(x) and x.dtype == torch.float32 for x in losses)
     assert module.nonfinite_steps == 0
     assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())

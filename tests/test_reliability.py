@@ -244,6 +244,7 @@ def test_too_many_nonfinite_steps_stop_training_naming_step_and_batch(reliabilit
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_losses_are_fp32_under_autocast(precision):
+    """The DPO loss under CPU autocast in bf16 and in fp16 (autocast directly, no Lightning precision plugin)."""
     module = DPOModule()
     data = PreferenceDataModule(module.tokenizer, val_fraction=0.0, max_length=128, share_prompt=True, batch_size=4)
     data.setup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import precision_setting
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_align import InstructionDataModule, LoRA, SFTModule, load_causal_lm
@@ -89,13 +90,24 @@ def test_checkpoint_loads_back_weights_only(tmp_path):
     assert torch.equal(logits_of(restored.model, batch), logits_of(module.model, batch))
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaled"])
 def test_mixed_precision_on_cpu_trains_with_fp32_master_weights(tmp_path, precision):
+    """bf16 autocast, and fp16 autocast with a gradient scaler (the explicit plugin: Lightning would turn
+    ``precision="16-mixed"`` into bf16 on a CPU): the forward runs in the half dtype, the weights stay fp32."""
     L.seed_everything(0)
     module = SFTModule(lr=3e-3)
-    t = trainer(tmp_path, max_steps=6, precision=precision)
+    dtypes = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with trainer.precision_plugin.forward_context():
+                dtypes.append(pl_module.model.lm_head(torch.zeros(1, pl_module.model.config.hidden_size)).dtype)
+
+    t = trainer(tmp_path, max_steps=6, callbacks=[Spy()], **precision_setting(precision))
     dm = datamodule(module.tokenizer)
     t.fit(module, dm)
+    assert set(dtypes) == {torch.float16 if precision == "fp16-scaled" else torch.bfloat16}
+    assert (getattr(t.precision_plugin, "scaler", None) is not None) == (precision == "fp16-scaled")
     assert all(p.dtype == torch.float32 for p in module.model.parameters())
     assert torch.isfinite(torch.tensor(t.validate(module, dm, verbose=False)[0]["val/loss"]))
 
@@ -170,3 +182,32 @@ def test_local_directory_and_prebuilt_module(tmp_path, tiny_tokenizer):
     assert torch.equal(logits_of(from_dir.model, batch), logits_of(prebuilt.model, batch))
     with pytest.raises(ValueError, match="needs its tokenizer"):
         SFTModule(model=model)
+
+
+@pytest.mark.reliability
+def test_a_model_loaded_from_a_directory_trains_in_train_mode(tmp_path, tiny_tokenizer, reliability):
+    """``from_pretrained`` returns a model in eval mode and Lightning keeps the modes it finds: the model's own
+    dropout (here attention dropout 0.3 in its config) must act during ``fit``, so two forwards of the same batch
+    differ; a DPO reference loaded beside it stays in eval mode."""
+    from lit_align import DPOModule
+
+    reliability["faults"] += 1
+    model = load_causal_lm("tiny", tiny_tokenizer)
+    model.config.attention_dropout = 0.3
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    module = SFTModule(model=str(tmp_path / "model"), lr=1e-3)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            losses = [pl_module.compute_loss(batch)[0].item() for _ in range(2)]
+            seen.append((pl_module.model.training, losses[0] != losses[1]))
+
+    trainer(tmp_path, max_steps=2, callbacks=[Spy()], limit_val_batches=0).fit(module, datamodule(module.tokenizer))
+    assert seen == [(True, True), (True, True)]
+    dpo = DPOModule(model=str(tmp_path / "model"))
+    dpo.configure_model()
+    dpo.train()
+    assert dpo.model.training and not dpo.ref_model.training
+    reliability["survived"] += 1

@@ -355,7 +355,9 @@ class AlignModule(L.LightningModule):
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, config)
-        return model
+        # from_pretrained returns models in eval mode and Lightning keeps the modes it finds: a trainable model
+        # trains in train mode whatever its origin (dropout, residual dropout), frozen helpers stay in eval.
+        return model.train()
 
     def on_validation_start(self) -> None:
         # Validation draws no random number from the training streams: they are set aside and validation runs on a

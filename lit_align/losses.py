@@ -258,6 +258,35 @@ DPO_LOSS_TYPES = (
 REFERENCE_FREE_LOSS_TYPES = ("simpo",)
 
 
+def check_dpo_options(
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    rpo_alpha: float | None = None,
+) -> None:
+    """Raise a ``ValueError`` naming the option unless the combination is one :func:`dpo_loss` computes: a known
+    ``loss_type``, ``beta > 0``, ``label_smoothing`` only where the loss uses it (``sigmoid`` and ``simpo`` in
+    ``[0, 0.5]``, ``robust`` in ``[0, 0.5)``, ``exo_pair`` in ``(0, 1)``: its loss takes ``log(eps)``),
+    ``discopop_tau > 0``, ``rpo_alpha >= 0``."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    eps = label_smoothing
+    ranges = {"sigmoid": (0 <= eps <= 0.5, "[0, 0.5]"), "simpo": (0 <= eps <= 0.5, "[0, 0.5]"),
+              "robust": (0 <= eps < 0.5, "[0, 0.5)"), "exo_pair": (0 < eps < 1, "(0, 1), e.g. 1e-3")}  # fmt: skip
+    valid, expected = ranges.get(loss_type, (eps == 0, None))
+    if not valid and expected is None:
+        raise ValueError(f"label_smoothing={eps} is not used by loss_type {loss_type!r}; leave it at 0")
+    if not valid:
+        raise ValueError(f"loss_type {loss_type!r} needs label_smoothing in {expected}, got {eps}")
+    if loss_type == "discopop" and not discopop_tau > 0:
+        raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
+    if rpo_alpha is not None and rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -305,12 +334,7 @@ def dpo_loss(
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[P]`` fp32: per-pair losses, and the detached implicit
         rewards ``beta (log pi - log pi_ref)`` (``beta`` times the average log-prob for ``simpo``).
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
-    if loss_type in ("robust",) and not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    if loss_type == "exo_pair" and not 0 < label_smoothing < 1:
-        raise ValueError(f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (e.g. 1e-3), got {label_smoothing}")
+    check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, rpo_alpha)
     needs_lengths = loss_type in ("ipo", "sigmoid_norm", "simpo") or rpo_alpha
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss_type {loss_type!r} (or rpo_alpha) needs chosen_lengths and rejected_lengths")

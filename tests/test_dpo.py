@@ -222,7 +222,7 @@ def test_simpo_loads_no_reference_and_trains(tmp_path):
         ({"loss_type": "simpo", "reference": "copy"}, "reference-free"),
         ({"reference": "none"}, "need a reference"),
         ({"reference": "adapter"}, "needs LoRA"),
-        ({"loss_type": "kto"}, "unknown loss_type 'kto'"),
+        ({"loss_type": "kto"}, "unknown DPO loss_type 'kto'"),
         ({"residual_dropout": 0.2}, "disable_dropout"),
     ],
 )

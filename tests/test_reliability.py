@@ -255,3 +255,34 @@ def test_losses_are_fp32_under_autocast(precision):
         loss, values = module.compute_loss(batch)
     assert loss.dtype == torch.float32 and values["logps/chosen"].dtype == torch.float32
     assert math.isfinite(float(loss.detach()))
+
+
+# ----- option combinations checked when the module is built ---------------------------------------------------------
+BAD_OPTIONS = [
+    ("exo_pair without label smoothing", "DPOModule", {"loss_type": "exo_pair"}, "label_smoothing"),
+    ("label smoothing a loss ignores", "DPOModule", {"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing"),
+    ("robust at label smoothing 0.5", "DPOModule", {"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing"),
+    ("beta 0", "DPOModule", {"beta": 0.0}, "beta"),
+    ("a reference model that is never used", "DPOModule", {"loss_type": "simpo", "ref_model": "tiny"}, "ref_model"),
+    ("learning rate 0", "SFTModule", {"lr": 0.0}, "lr"),
+    ("unknown dtype", "SFTModule", {"dtype": "fp8"}, "dtype"),
+    ("temperature 0", "PPOModule", {"temperature": 0.0}, "temperature"),
+    ("top_p above 1", "PPOModule", {"top_p": 1.5}, "top_p"),
+    ("GAE lambda above 1", "PPOModule", {"lam": 1.5}, "lam"),
+    ("adaptive KL without a target", "PPOModule", {"adaptive_kl": True, "kl_target": 0.0}, "kl_target"),
+    ("GRPO clip 0", "GRPOModule", {"clip_eps": 0.0}, "clip_eps"),
+    ("GRPO negative KL coefficient", "GRPOModule", {"kl_coef": -0.1}, "kl_coef"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, module, options, option", BAD_OPTIONS, ids=[c[0] for c in BAD_OPTIONS])
+def test_bad_option_combinations_fail_when_the_module_is_built(reliability, name, module, options, option):
+    """Not at the first training step (DPO with exo_pair and no label smoothing used to get that far)."""
+    import lit_align
+    from lit_align.rewards import LengthReward
+
+    extra = {"reward_fn": LengthReward()} if module in ("GRPOModule", "PPOModule") else {}
+    reliability["bad_inputs"] += 1
+    with pytest.raises(ValueError, match=option):
+        getattr(lit_align, module)(**{**extra, **options})
+    reliability["named_errors"] += 1

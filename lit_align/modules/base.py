@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.collate import packed_attention_mask
 from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
-from lit_align.models import TINY, load_causal_lm, load_tokenizer
+from lit_align.models import TINY, load_causal_lm, load_tokenizer, resolve_dtype
 from lit_align.optim import WarmupCosineLR, default_optimizer
 
 
@@ -227,6 +227,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def check_options(*checks: tuple[str, Any, bool, str]) -> None:
+    """Raise a ``ValueError`` naming the first option whose check fails: each check is ``(name, value, holds,
+    what it must be)``. Modules call it in ``__init__``, so a bad setting fails when the config is read, not at the
+    first training step."""
+    for name, value, holds, expected in checks:
+        if not holds:
+            raise ValueError(f"{name}={value!r}: must be {expected}")
+
+
+def sampling_checks(max_new_tokens: int, temperature: float, top_p: float) -> tuple[tuple[str, Any, bool, str], ...]:
+    """:func:`check_options` checks of the sampling settings the on-policy methods share."""
+    return (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "at least 1"),
+        ("temperature", temperature, temperature > 0, "positive"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+    )
+
+
 def _plain_data(value: Any) -> bool:
     if value is None or isinstance(value, (str, int, float, bool)):
         return True
@@ -280,6 +298,13 @@ class AlignModule(L.LightningModule):
         super().__init__()
         if isinstance(lora, Mapping):  # from a checkpoint's hyper-parameters
             lora = LoRA(**lora)
+        resolve_dtype(dtype)
+        check_options(
+            ("lr", lr, lr > 0, "positive"),
+            ("residual_dropout", residual_dropout, residual_dropout is None or 0 <= residual_dropout < 1, "in [0, 1)"),
+            ("max_nonfinite_steps", max_nonfinite_steps, max_nonfinite_steps >= 0, ">= 0"),
+            ("lora.r", lora and lora.r, lora is None or lora.r >= 1, "at least 1"),
+        )
         objects = {"model": model, "tokenizer": tokenizer, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
         self.save_hyperparameters(ignore=[name for name, value in objects.items() if not isinstance(value, str)])
         if lora is not None:

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.checkpoint import archive_problem
-from lit_align.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, grouped_mean
+from lit_align.losses import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, dpo_loss, grouped_mean
 from lit_align.models import load_causal_lm
 from lit_align.modules.base import AlignModule, eval_mode, response_logps, zero_dropout
 
@@ -123,8 +123,7 @@ class DPOModule(AlignModule):
         if disable_dropout and self.residual_dropout:
             raise ValueError("residual_dropout needs disable_dropout: false (DPO disables dropout by default)")
         self.disable_dropout = disable_dropout
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+        check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, rpo_alpha)
         reference_free = loss_type in REFERENCE_FREE_LOSS_TYPES
         if reference == "auto":
             reference = "none" if reference_free else "adapter" if self.lora is not None else "copy"
@@ -135,6 +134,10 @@ class DPOModule(AlignModule):
             )
         if reference == "adapter" and self.lora is None and not hasattr(self.model, "disable_adapter"):
             raise ValueError("reference='adapter' needs LoRA adapters (set lora) to disable")
+        if ref_model is not None and reference not in ("copy", "precomputed"):
+            raise ValueError(f"ref_model is used by reference 'copy' or 'precomputed', not {reference!r}")
+        if ref_batch_size is not None and ref_batch_size < 1:
+            raise ValueError(f"ref_batch_size must be at least 1, got {ref_batch_size}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.simpo_gamma, self.discopop_tau, self.rpo_alpha = simpo_gamma, discopop_tau, rpo_alpha
         self.reference, self.ref_model_name = reference, ref_model

@@ -17,7 +17,15 @@ from torchmetrics import MeanMetric
 from lit_align.data.preference import PreferenceCollator
 from lit_align.generation import Generator, HFGenerator, response_mask_from
 from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
-from lit_align.modules.base import AlignModule, backbone_hidden_states, eval_mode, unembedding_logps, zero_dropout
+from lit_align.modules.base import (
+    AlignModule,
+    backbone_hidden_states,
+    check_options,
+    eval_mode,
+    sampling_checks,
+    unembedding_logps,
+    zero_dropout,
+)
 from lit_align.modules.reward import load_frozen_reward_model, response_rewards
 from lit_align.rewards import RewardFunction, score_text
 
@@ -130,8 +138,15 @@ class GRPOModule(AlignModule):
             raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")
         if scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"unknown scale_rewards {scale_rewards!r}; choose 'group', 'batch' or 'none'")
-        if max_new_tokens < 1 or num_iterations < 1 or (mini_batch_size is not None and mini_batch_size < 1):
-            raise ValueError("max_new_tokens, num_iterations and mini_batch_size must be at least 1")
+        check_options(
+            *sampling_checks(max_new_tokens, temperature, top_p),
+            ("num_iterations", num_iterations, num_iterations >= 1, "at least 1"),
+            ("mini_batch_size", mini_batch_size, mini_batch_size is None or mini_batch_size >= 1, "at least 1"),
+            ("kl_coef", kl_coef, kl_coef >= 0, ">= 0"),
+            ("clip_eps", clip_eps, clip_eps > 0, "positive"),
+            ("clip_eps_high", clip_eps_high, clip_eps_high is None or clip_eps_high > 0, "positive"),
+            ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "positive"),
+        )
         self.automatic_optimization = False
         self.reward_fns, self.reward_model_name = reward_fns, reward_model
         self.reward_weights = torch.tensor(reward_weights or [1.0] * n_rewards, dtype=torch.float32)

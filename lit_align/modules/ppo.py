@@ -26,7 +26,9 @@ from lit_align.losses import (
 from lit_align.modules.base import (
     AlignModule,
     backbone_hidden_states,
+    check_options,
     labelled_nll,
+    sampling_checks,
     score_head,
     unembedding_logps,
     unwrap_model,
@@ -192,6 +194,24 @@ class PPOModule(AlignModule):
             raise ValueError("PPO needs a reward: set reward_model (a RewardModule export or 'tiny') or reward_fn")
         if value_model == "reward" and reward_fn is not None:
             value_model = "policy_head"  # no reward model to initialise a value model from
+        check_options(
+            ("value_model", value_model, value_model in ("reward", "policy_head"), "'reward' or 'policy_head'"),
+            ("kl_estimator", kl_estimator, kl_estimator in ("k1", "k3"), "'k1' or 'k3'"),
+            ("kl_coef", kl_coef, kl_coef >= 0, ">= 0"),
+            ("kl_target", kl_target, not adaptive_kl or kl_target > 0, "positive with adaptive_kl"),
+            ("kl_horizon", kl_horizon, not adaptive_kl or kl_horizon > 0, "positive with adaptive_kl"),
+            ("value_lr", value_lr, value_lr is None or value_lr > 0, "positive"),
+            *sampling_checks(max_new_tokens, temperature, top_p),
+            ("reward_clip", reward_clip, reward_clip is None or reward_clip > 0, "positive"),
+            ("ppo_epochs", ppo_epochs, ppo_epochs >= 1, "at least 1"),
+            ("mini_batch_size", mini_batch_size, mini_batch_size >= 1, "at least 1"),
+            ("clip_eps", clip_eps, clip_eps > 0, "positive"),
+            ("value_clip_eps", value_clip_eps, value_clip_eps > 0, "positive"),
+            ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
+            ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
+            ("ptx_coef", ptx_coef, ptx_coef >= 0, ">= 0"),
+            ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "positive"),
+        )
         self.automatic_optimization = False
         self.reward_model_name = reward_model if reward_fn is None else None
         self.reward_fn, self.value_model_kind, self.value_lr = reward_fn, value_model, value_lr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,27 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+def keep_rotary_fp32(model: nn.Module) -> nn.Module:
+    """Keep the tables of ``model``'s rotary position embeddings (``inv_freq`` and the like) in fp32 through every
+    later dtype cast, ``model.to(torch.bfloat16)`` or a Trainer's ``bf16-true``, as ``from_pretrained(...,
+    dtype=...)`` leaves them. A cast alone rounds them, and the model trained would then compute other rotation
+    angles than its export reloaded in the same dtype. Modules are recognised by name, as transformers does."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and "_apply" not in vars(module):
+            module._apply = types.MethodType(_apply_keeping_fp32, module)  # deepcopy rebinds it to the copy
+    return model
+
+
+def _apply_keeping_fp32(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    kept = {name: b for name, b in module._buffers.items() if b is not None and b.dtype == torch.float32}
+    type(module)._apply(module, fn, recurse)
+    for name, before in kept.items():
+        after = module._buffers[name]
+        if after is not None and after.dtype != torch.float32:  # cast: keep the fp32 values, take the new device
+            module._buffers[name] = before.to(after.device)
+    return module
+
+
 def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The embedded tokenizer for ``"tiny"``, else ``AutoTokenizer.from_pretrained(name_or_path)``.
 
@@ -89,8 +111,10 @@ def load_causal_lm(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
+        model = keep_rotary_fp32(model)
         return model.to(torch_dtype) if torch_dtype is not None else model
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return keep_rotary_fp32(model)
 
 
 def load_reward_model(
@@ -110,7 +134,9 @@ def load_reward_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
+        model = keep_rotary_fp32(model)
         return model.to(torch_dtype) if torch_dtype is not None else model
-    return AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=1, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
+    return keep_rotary_fp32(model)

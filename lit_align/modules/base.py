@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.collate import packed_attention_mask
 from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
-from lit_align.models import TINY, load_causal_lm, load_tokenizer
+from lit_align.models import TINY, keep_rotary_fp32, load_causal_lm, load_tokenizer
 from lit_align.optim import WarmupCosineLR, default_optimizer
 
 
@@ -336,6 +336,7 @@ class AlignModule(L.LightningModule):
         return load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
+        keep_rotary_fp32(model)  # also a model passed in, should the Trainer cast it (bf16-true)
         if self.residual_dropout is not None:
             add_residual_dropout(model, self.residual_dropout)
         if self.gradient_checkpointing:

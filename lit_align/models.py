@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,27 @@ def _apply_keeping_fp32(module: nn.Module, fn: Any, recurse: bool = True) -> nn.
         if after is not None and after.dtype != torch.float32:  # cast: keep the fp32 values, take the new device
             module._buffers[name] = before.to(after.device)
     return module
+
+
+@contextmanager
+def eos_not_pad_in_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Within the block (an export), a ``*ForSequenceClassification`` whose pad id is an EOS id has no pad id in its
+    config. transformers reads such a model's score at the last token that is not the pad id: with pad == eos that
+    is the token before the EOS that lit_align reads the reward at. With no pad id it reads a lone sequence at its
+    last token, ours, and refuses a batch ("Cannot handle batch sizes > 1 if no padding token is defined") rather
+    than misread right-padded rows. The tokenizer keeps padding with EOS; lit_align reads from the attention mask."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    pad = config.pad_token_id
+    unset = type(model).__name__.endswith("ForSequenceClassification") and pad is not None
+    unset = unset and pad in {tokenizer.eos_token_id, *eos}
+    if unset:
+        config.pad_token_id = None
+    try:
+        yield
+    finally:
+        if unset:
+            config.pad_token_id = pad
 
 
 def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lit_align import PreferenceDataModule, RewardModule, SFTModule
+from lit_align import PreferenceDataModule, RewardModule, RewardScorer, SFTModule
 from lit_align.data import InstructionDataModule
-from lit_align.modules.reward import sequence_rewards
+from lit_align.data.collate import pad_sequences
+from lit_align.modules.reward import load_frozen_reward_model, sequence_rewards
 
 pytestmark = pytest.mark.reliability
 
@@ -61,3 +62,51 @@ def test_low_precision_training_computes_what_its_reloaded_export_computes(tmp_p
             reloaded = sequence_rewards(reloaded_model, ids, mask)
     assert trained.dtype == reloaded.dtype
     assert torch.equal(trained, reloaded), f"max difference {(trained.float() - reloaded.float()).abs().max():.3g}"
+
+
+PAIRS = [
+    ("Q1: be polite.", " Thank you kindly."),
+    ("Q2: be polite.", " Go away, idiot."),
+    ("Hi", " Hello! How are you?"),
+]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece_style", "gpt2_style"])
+def test_reward_export_scored_by_plain_transformers_gives_the_trained_reward(tmp_path, tokenizers_by_kind, kind):
+    """With pad == eos, transformers' ``*ForSequenceClassification`` pools at the last token that is not the pad id:
+    the token before EOS, not the EOS lit_align reads (0.012 off here). The export leaves the pad id out of its
+    config, so the README's way, one sequence at a time, reads the last token; a right-padded batch, which it could
+    only misread, is an error. RewardScorer and PPO's reward loading read the export as before."""
+    tokenizer = tokenizers_by_kind[kind]
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    torch.manual_seed(0)
+    export = tmp_path / "rm"
+    module = RewardModule(lr=3e-3, tokenizer=tokenizer, normalize=True, export_dir=str(export))
+    data = PreferenceDataModule(tokenizer, train_data=ROWS, batch_size=8)
+    _trainer(tmp_path, max_steps=6).fit(module, data)
+    assert module.model.config.pad_token_id == tokenizer.pad_token_id  # the live model is left as it was
+    scorer = RewardScorer.from_pretrained(export)
+    expected = scorer.score([p for p, _ in PAIRS], [r for _, r in PAIRS])
+    assert expected.std() > 1e-3 and float(scorer.offset) != 0.0
+
+    # the README's way: prompt tokens, response tokens, EOS; one sequence per call; minus the exported offset
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tok = AutoTokenizer.from_pretrained(export)
+    with torch.no_grad():
+        plain = []
+        for prompt, response in PAIRS:
+            ids = tok(prompt).input_ids + tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            plain.append(model(torch.tensor([ids])).logits[0, 0] - model.config.lit_align_reward_offset)
+    assert torch.allclose(torch.stack(plain), expected, atol=1e-5), (torch.stack(plain) - expected).abs().max()
+
+    batch = tok([p + r + tok.eos_token for p, r in PAIRS], padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    with pytest.raises(ValueError, match="no padding token"):
+        model(**batch)
+
+    reward_model, offset = load_frozen_reward_model(str(export), tokenizer, None, None)
+    ids = [scorer.encoder.encode([(p, False), (r, True)]).input_ids for p, r in PAIRS]
+    input_ids = pad_sequences(ids, tokenizer.pad_token_id)
+    mask = pad_sequences([[1] * len(s) for s in ids], 0)
+    with torch.no_grad():
+        assert torch.allclose(sequence_rewards(reward_model, input_ids, mask) - offset, expected, atol=1e-6)

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.collate import packed_attention_mask
 from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
-from lit_align.models import TINY, keep_rotary_fp32, load_causal_lm, load_tokenizer
+from lit_align.models import TINY, eos_not_pad_in_config, keep_rotary_fp32, load_causal_lm, load_tokenizer
 from lit_align.optim import WarmupCosineLR, default_optimizer
 
 
@@ -485,7 +485,8 @@ class AlignModule(L.LightningModule):
             full = self.trainer.strategy.lightning_module_state_dict()
             state_dict = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if self._trainer is None or self.trainer.is_global_zero:
-            model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            with eos_not_pad_in_config(unwrap_model(model), self.tokenizer):
+                model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lit_align import PreferenceDataModule, RewardModule, RewardScorer, SFTModule
+from lit_align import PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, RewardScorer, SFTModule
 from lit_align.data import InstructionDataModule
 from lit_align.data.collate import pad_sequences
 from lit_align.modules.reward import load_frozen_reward_model, sequence_rewards
@@ -110,3 +111,38 @@ def test_reward_export_scored_by_plain_transformers_gives_the_trained_reward(tmp
     mask = pad_sequences([[1] * len(s) for s in ids], 0)
     with torch.no_grad():
         assert torch.allclose(sequence_rewards(reward_model, input_ids, mask) - offset, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("value_model", ["reward", "policy_head"])
+def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_model):
+    """PPO's value model is trained state too: the export holds it in ``value_model/`` (a ``*ForSequenceClassification``
+    directory, or the policy head's weights), and reloaded it gives the values the module computes."""
+    torch.manual_seed(0)
+    export = tmp_path / "ppo"
+    module = PPOModule(lr=1e-2, max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, value_model=value_model,
+                       export_dir=str(export))  # fmt: skip
+    data = PromptDataModule(module.tokenizer, batch_size=4, max_prompt_length=32)
+    module.configure_model()
+    initial = {k: v.clone() for k, v in module.value_model.state_dict().items()}
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, data)
+    assert any(not torch.equal(v, module.value_model.state_dict()[k]) for k, v in initial.items())  # it trained
+
+    data.setup("fit")
+    rollout = module.rollout(data.collator(data.train_dataset[:4]))
+    seq, mask, prompt_length = rollout.sequences, rollout.response_mask, rollout.prompt_length
+    rows, offsets, cols = module._response_positions(mask, prompt_length)
+    module.eval()
+    with torch.no_grad():
+        _, policy_hidden = module.token_logps(module.model, seq, mask, prompt_length)
+        expected = module.token_values(seq, mask, prompt_length, policy_hidden)[rows, offsets]
+        inputs = {"input_ids": seq["input_ids"], "attention_mask": seq["attention_mask"],
+                  "position_ids": seq["position_ids"]}  # fmt: skip
+        if value_model == "reward":
+            reloaded = AutoModelForSequenceClassification.from_pretrained(export / "value_model").eval()
+            values = reloaded.score(reloaded.model(**inputs).last_hidden_state)[..., 0]
+        else:
+            head = load_file(export / "value_model" / "model.safetensors")
+            policy = AutoModelForCausalLM.from_pretrained(export).eval()
+            values = policy.model(**inputs).last_hidden_state @ head["score.weight"].T[:, 0] + head["score.bias"]
+    assert expected.abs().max() > 0
+    assert torch.allclose(values[rows, cols], expected, atol=1e-5), (values[rows, cols] - expected).abs().max()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors.torch import save_file
 from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
@@ -475,19 +476,30 @@ class AlignModule(L.LightningModule):
         ``AutoModelForCausalLM.from_pretrained`` loads. LoRA adapters are merged into a copy of the weights unless
         ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full weights are
         gathered first; rank 0 writes."""
+        return self.save_hf("model", path, merge_lora)
+
+    def save_hf(self, name: str, path: str | Path, merge_lora: bool = True) -> Path:
+        """Write the sub-module ``name`` (``"model"``, or a method's own such as PPO's ``"value_model"``) to the
+        directory ``path``: a transformers model through ``save_pretrained``, with the tokenizer; any other module as
+        its state dict in ``model.safetensors``. Gathered under sharded strategies; rank 0 writes."""
         path = Path(path)
-        model = self.model
+        model = getattr(self, name)
         state_dict = None
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload() if merge_lora else model
         elif self._trainer is not None:
-            prefix = "model."
+            prefix = f"{name}."
             full = self.trainer.strategy.lightning_module_state_dict()
             state_dict = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if self._trainer is None or self.trainer.is_global_zero:
-            with eos_not_pad_in_config(unwrap_model(model), self.tokenizer):
-                model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+            if hasattr(model, "save_pretrained"):
+                with eos_not_pad_in_config(unwrap_model(model), self.tokenizer):
+                    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+                save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_align.checksums import verify_checksums
+
 TINY = "tiny"
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
@@ -100,6 +102,7 @@ def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False) ->
     A tokenizer without a pad token gets ``pad_token = eos_token`` (the pad == eos case our data code is built for).
     """
     path = TOKENIZER_DIR if name_or_path == TINY else name_or_path
+    verify_checksums(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -136,6 +139,7 @@ def load_causal_lm(
             model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
         model = keep_rotary_fp32(model)
         return model.to(torch_dtype) if torch_dtype is not None else model
+    verify_checksums(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return keep_rotary_fp32(model)
 
@@ -159,6 +163,7 @@ def load_reward_model(
             model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
         model = keep_rotary_fp32(model)
         return model.to(torch_dtype) if torch_dtype is not None else model
+    verify_checksums(name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=1, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )

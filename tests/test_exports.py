@@ -4,6 +4,10 @@ and a damaged export file is an error that names it."""
 
 from __future__ import annotations
 
+import re
+import shutil
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -11,8 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lit_align import PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, RewardScorer, SFTModule
+from lit_align.checksums import MANIFEST, ChecksumError
 from lit_align.data import InstructionDataModule
 from lit_align.data.collate import pad_sequences
+from lit_align.models import load_causal_lm, load_reward_model, load_tokenizer
 from lit_align.modules.reward import load_frozen_reward_model, sequence_rewards
 
 pytestmark = pytest.mark.reliability
@@ -146,3 +152,67 @@ def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_m
             values = policy.model(**inputs).last_hidden_state @ head["score.weight"].T[:, 0] + head["score.bias"]
     assert expected.abs().max() > 0
     assert torch.allclose(values[rows, cols], expected, atol=1e-5), (values[rows, cols] - expected).abs().max()
+
+
+def _flip_a_tensor_byte(path: Path) -> None:
+    """Flip the bits of one byte in the middle of a safetensors file's tensor data (after the 8-byte header length
+    and the JSON header), where nothing in the format notices."""
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    raw[(data_start + len(raw)) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _export(kind: str, path: Path) -> Path:
+    """An export written by ``export_hf`` without training (what is checked is the files, not the weights); returns
+    the directory holding ``model.safetensors``."""
+    module = {"policy": SFTModule, "reward": RewardModule, "value": PPOModule}[kind]()
+    module.configure_model()
+    module.export_hf(path)
+    return path / "value_model" if kind == "value" else path
+
+
+LOADERS = {
+    "load_causal_lm": ("policy", lambda path: load_causal_lm(str(path))),
+    "load_tokenizer": ("policy", lambda path: load_tokenizer(str(path))),
+    "load_reward_model": ("reward", lambda path: load_reward_model(str(path))),
+    "RewardScorer.from_pretrained": ("reward", RewardScorer.from_pretrained),
+    "load_frozen_reward_model": ("reward", lambda path: load_frozen_reward_model(str(path), load_tokenizer(), None,
+                                                                                 None)),
+    "PPO value_model/": ("value", lambda path: load_reward_model(str(path))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_flipped_byte_in_an_exported_weight_file_is_an_error_naming_it(tmp_path, reliability, loader):
+    """Every directory an export writes holds a SHA-256 manifest of its files. A byte flipped in a weight file's
+    tensor data loads silently through safetensors and transformers; lit_align's loaders refuse it, naming the file.
+    An untouched export loads, and a directory without a manifest (a hub model's, another tool's) loads as before."""
+    kind, load = LOADERS[loader]
+    export = _export(kind, tmp_path / "export")
+    manifest = (export / MANIFEST).read_text()
+    assert {line.split("  ")[1] for line in manifest.splitlines()} == {p.name for p in export.iterdir()} - {MANIFEST}
+    load(export)
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(export, corrupted)
+    weights = corrupted / "model.safetensors"
+    _flip_a_tensor_byte(weights)
+    reliability["faults"] += 1
+    before, after = load_file(export / "model.safetensors"), load_file(weights)  # safetensors itself sees nothing
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ChecksumError, match=f"{re.escape(str(weights))} is corrupted"):
+        load(corrupted)
+    reliability["survived"] += 1
+
+    (corrupted / MANIFEST).unlink()
+    load(corrupted)
+
+
+def test_a_file_missing_from_an_export_is_named(tmp_path, reliability):
+    export = _export("policy", tmp_path / "export")
+    (export / "tokenizer.json").unlink()
+    reliability["faults"] += 1
+    with pytest.raises(ChecksumError, match=f"{re.escape(str(export / 'tokenizer.json'))} is missing"):
+        load_tokenizer(str(export))
+    reliability["survived"] += 1

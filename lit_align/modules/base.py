@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.checksums import write_checksums
 from lit_align.data.collate import packed_attention_mask
 from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
@@ -473,15 +474,17 @@ class AlignModule(L.LightningModule):
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
         """Save the policy and tokenizer as a Hugging Face directory (safetensors) that
-        ``AutoModelForCausalLM.from_pretrained`` loads. LoRA adapters are merged into a copy of the weights unless
-        ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full weights are
-        gathered first; rank 0 writes."""
+        ``AutoModelForCausalLM.from_pretrained`` loads, with a manifest of its files' SHA-256 digests
+        (:mod:`lit_align.checksums`) that lit_align's loaders verify. LoRA adapters are merged into a copy of the
+        weights unless ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full
+        weights are gathered first; rank 0 writes."""
         return self.save_hf("model", path, merge_lora)
 
     def save_hf(self, name: str, path: str | Path, merge_lora: bool = True) -> Path:
         """Write the sub-module ``name`` (``"model"``, or a method's own such as PPO's ``"value_model"``) to the
         directory ``path``: a transformers model through ``save_pretrained``, with the tokenizer; any other module as
-        its state dict in ``model.safetensors``. Gathered under sharded strategies; rank 0 writes."""
+        its state dict in ``model.safetensors``; then the directory's checksum manifest. Gathered under sharded
+        strategies; rank 0 writes."""
         path = Path(path)
         model = getattr(self, name)
         state_dict = None
@@ -500,6 +503,7 @@ class AlignModule(L.LightningModule):
                 path.mkdir(parents=True, exist_ok=True)
                 tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
                 save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+            write_checksums(path)
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path

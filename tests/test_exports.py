@@ -19,7 +19,7 @@ from lit_align.checksums import MANIFEST, ChecksumError
 from lit_align.data import InstructionDataModule
 from lit_align.data.collate import pad_sequences
 from lit_align.models import load_causal_lm, load_reward_model, load_tokenizer
-from lit_align.modules.reward import load_frozen_reward_model, sequence_rewards
+from lit_align.modules.reward import OFFSET_KEY, load_frozen_reward_model, sequence_rewards
 
 pytestmark = pytest.mark.reliability
 
@@ -122,13 +122,19 @@ def test_reward_export_scored_by_plain_transformers_gives_the_trained_reward(tmp
 @pytest.mark.parametrize("value_model", ["reward", "policy_head"])
 def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_model):
     """PPO's value model is trained state too: the export holds it in ``value_model/`` (a ``*ForSequenceClassification``
-    directory, or the policy head's weights), and reloaded it gives the values the module computes."""
+    directory, or the policy head's weights), and reloaded it gives the values the module computes. A value model
+    started from a normalised reward model does not carry the reward's offset: values are the head's raw output."""
     torch.manual_seed(0)
+    reward = RewardModule()
+    reward.configure_model()
+    reward.reward_offset.fill_(0.5)
+    reward.export_hf(tmp_path / "rm")
     export = tmp_path / "ppo"
     module = PPOModule(lr=1e-2, max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, value_model=value_model,
-                       export_dir=str(export))  # fmt: skip
-    data = PromptDataModule(module.tokenizer, batch_size=4, max_prompt_length=32)
+                       reward_model=str(tmp_path / "rm"), export_dir=str(export))  # fmt: skip
     module.configure_model()
+    assert module.reward_offset == 0.5
+    data = PromptDataModule(module.tokenizer, batch_size=4, max_prompt_length=32)
     initial = {k: v.clone() for k, v in module.value_model.state_dict().items()}
     _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, data)
     assert any(not torch.equal(v, module.value_model.state_dict()[k]) for k, v in initial.items())  # it trained
@@ -145,6 +151,7 @@ def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_m
                   "position_ids": seq["position_ids"]}  # fmt: skip
         if value_model == "reward":
             reloaded = AutoModelForSequenceClassification.from_pretrained(export / "value_model").eval()
+            assert not hasattr(reloaded.config, OFFSET_KEY)
             values = reloaded.score(reloaded.model(**inputs).last_hidden_state)[..., 0]
         else:
             head = load_file(export / "value_model" / "model.safetensors")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ from transformers import (
     LlamaForSequenceClassification,
     PreTrainedTokenizerBase,
 )
+
+from lit_align.checksums import verify_checksums
 
 TINY = "tiny"
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -49,12 +54,55 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+def keep_rotary_fp32(model: nn.Module) -> nn.Module:
+    """Keep the tables of ``model``'s rotary position embeddings (``inv_freq`` and the like) in fp32 through every
+    later dtype cast, ``model.to(torch.bfloat16)`` or a Trainer's ``bf16-true``, as ``from_pretrained(...,
+    dtype=...)`` leaves them. A cast alone rounds them, and the model trained would then compute other rotation
+    angles than its export reloaded in the same dtype. Modules are recognised by name, as transformers does."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and "_apply" not in vars(module):
+            module._apply = types.MethodType(_apply_keeping_fp32, module)  # deepcopy rebinds it to the copy
+    return model
+
+
+def _apply_keeping_fp32(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    kept = {name: b for name, b in module._buffers.items() if b is not None and b.dtype == torch.float32}
+    type(module)._apply(module, fn, recurse)
+    for name, before in kept.items():
+        after = module._buffers[name]
+        if after is not None and after.dtype != torch.float32:  # cast: keep the fp32 values, take the new device
+            module._buffers[name] = before.to(after.device)
+    return module
+
+
+@contextmanager
+def eos_not_pad_in_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Within the block (an export), a ``*ForSequenceClassification`` whose pad id is an EOS id has no pad id in its
+    config. transformers reads such a model's score at the last token that is not the pad id: with pad == eos that
+    is the token before the EOS that lit_align reads the reward at. With no pad id it reads a lone sequence at its
+    last token, ours, and refuses a batch ("Cannot handle batch sizes > 1 if no padding token is defined") rather
+    than misread right-padded rows. The tokenizer keeps padding with EOS; lit_align reads from the attention mask."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    pad = config.pad_token_id
+    unset = type(model).__name__.endswith("ForSequenceClassification") and pad is not None
+    unset = unset and pad in {tokenizer.eos_token_id, *eos}
+    if unset:
+        config.pad_token_id = None
+    try:
+        yield
+    finally:
+        if unset:
+            config.pad_token_id = pad
+
+
 def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The embedded tokenizer for ``"tiny"``, else ``AutoTokenizer.from_pretrained(name_or_path)``.
 
     A tokenizer without a pad token gets ``pad_token = eos_token`` (the pad == eos case our data code is built for).
     """
     path = TOKENIZER_DIR if name_or_path == TINY else name_or_path
+    verify_checksums(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -89,8 +137,11 @@ def load_causal_lm(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
+        model = keep_rotary_fp32(model)
         return model.to(torch_dtype) if torch_dtype is not None else model
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    verify_checksums(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return keep_rotary_fp32(model)
 
 
 def load_reward_model(
@@ -110,7 +161,10 @@ def load_reward_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
+        model = keep_rotary_fp32(model)
         return model.to(torch_dtype) if torch_dtype is not None else model
-    return AutoModelForSequenceClassification.from_pretrained(
+    verify_checksums(name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=1, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
+    return keep_rotary_fp32(model)

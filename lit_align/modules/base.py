@@ -17,14 +17,23 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors.torch import save_file
 from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.checksums import write_checksums
 from lit_align.data.collate import packed_attention_mask
 from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
-from lit_align.models import TINY, load_causal_lm, load_tokenizer, resolve_dtype
+from lit_align.models import (
+    TINY,
+    eos_not_pad_in_config,
+    keep_rotary_fp32,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+)
 from lit_align.optim import WarmupCosineLR, default_optimizer
 
 
@@ -361,6 +370,7 @@ class AlignModule(L.LightningModule):
         return load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
+        keep_rotary_fp32(model)  # also a model passed in, should the Trainer cast it (bf16-true)
         if self.residual_dropout is not None:
             add_residual_dropout(model, self.residual_dropout)
         if self.gradient_checkpointing:
@@ -511,21 +521,36 @@ class AlignModule(L.LightningModule):
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
         """Save the policy and tokenizer as a Hugging Face directory (safetensors) that
-        ``AutoModelForCausalLM.from_pretrained`` loads. LoRA adapters are merged into a copy of the weights unless
-        ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full weights are
-        gathered first; rank 0 writes."""
+        ``AutoModelForCausalLM.from_pretrained`` loads, with a manifest of its files' SHA-256 digests
+        (:mod:`lit_align.checksums`) that lit_align's loaders verify. LoRA adapters are merged into a copy of the
+        weights unless ``merge_lora`` is false (then the adapter alone is saved). Under sharded strategies the full
+        weights are gathered first; rank 0 writes."""
+        return self.save_hf("model", path, merge_lora)
+
+    def save_hf(self, name: str, path: str | Path, merge_lora: bool = True) -> Path:
+        """Write the sub-module ``name`` (``"model"``, or a method's own such as PPO's ``"value_model"``) to the
+        directory ``path``: a transformers model through ``save_pretrained``, with the tokenizer; any other module as
+        its state dict in ``model.safetensors``; then the directory's checksum manifest. Gathered under sharded
+        strategies; rank 0 writes."""
         path = Path(path)
-        model = self.model
+        model = getattr(self, name)
         state_dict = None
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload() if merge_lora else model
         elif self._trainer is not None:
-            prefix = "model."
+            prefix = f"{name}."
             full = self.trainer.strategy.lightning_module_state_dict()
             state_dict = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if self._trainer is None or self.trainer.is_global_zero:
-            model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+            if hasattr(model, "save_pretrained"):
+                with eos_not_pad_in_config(unwrap_model(model), self.tokenizer):
+                    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+                save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+            write_checksums(path)
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,7 +35,7 @@ from lit_align.modules.base import (
     unwrap_model,
     zero_dropout,
 )
-from lit_align.modules.reward import load_frozen_reward_model
+from lit_align.modules.reward import OFFSET_KEY, load_frozen_reward_model
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.rewards import RewardFunction, score_text
 
@@ -252,6 +253,7 @@ class PPOModule(AlignModule):
         if self.value_model is None:
             if self.value_model_kind == "reward":
                 self.value_model = copy.deepcopy(self.reward_model).requires_grad_(True).train()
+                vars(self.value_model.config).pop(OFFSET_KEY, None)  # values are the raw head: no reward offset
             else:
                 self.value_model = ValueHead(unwrap_model(self.model).config.hidden_size)
 
@@ -482,6 +484,16 @@ class PPOModule(AlignModule):
                             ("response_length", mask.sum(-1).mean())):  # fmt: skip
             self.val_metrics[name].update(value)
             self.log(f"val/{name}", self.val_metrics[name], batch_size=mask.shape[0])
+
+    # ----- export ----------------------------------------------------------------------------------------------------
+    def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
+        """The policy as :meth:`AlignModule.export_hf` saves it, and the trained value model in ``value_model/``
+        under it: a ``*ForSequenceClassification`` directory (``value_model="reward"``) whose scalar head, applied
+        at every position, gives the values; or, for ``"policy_head"``, ``model.safetensors`` holding the head
+        (``score.weight [1, H]``, ``score.bias [1]``) that applies to the policy's final hidden states."""
+        path = super().export_hf(path, merge_lora)
+        self.save_hf("value_model", path / "value_model")
+        return path
 
     # ----- checkpoint extras ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

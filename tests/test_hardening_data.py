@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from lit_align.data import DataError, InstructionDataModule
+from lit_align.data import DataError, InstructionDataModule, PreferenceDataModule
 from lit_align.data.sources import read_records
 
 pytestmark = pytest.mark.reliability
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "Red, or green."},
+    {"role": "user", "content": "Is this review positive or negative? The acting was superb."},
+    {"role": "assistant", "content": "Positive: the acting was superb."},
+]
 
 
 # ----- bad rows in a data file ----------------------------------------------------------------------------------------
@@ -39,6 +49,27 @@ def check_bad_row(make, path: Path, field: str | None, reliability) -> DataError
     assert skipping.stats["train"]["skipped_bad_row"] == 1 and skipping.stats["train"]["examples"] == 2
     reliability["counted_skips"] += 1
     return error.value
+
+
+# ----- 5. a null prompt -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt": None, "chosen": "a", "rejected": "b"},
+        {"prompt": None, "chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+        {"prompt": None, "chosen": [CHAT[1], CHAT[2]], "rejected": [CHAT[1], CHAT[4]]},
+    ],
+    ids=["text", "text with a shared dialogue", "messages"],
+)
+def test_a_null_prompt_is_named(tmp_path, tiny_tokenizer, reliability, bad):
+    """The old code took ``"prompt": null`` for an implicit-prompt row: it named ``chosen``, or silently split the
+    dialogues at their shared turns."""
+    path = _bad_row_file(tmp_path, {"prompt": "Q:", "chosen": " a", "rejected": " b"}, bad)
+
+    def make(path, bad_rows):
+        return PreferenceDataModule(tiny_tokenizer, str(path), val_fraction=0.0, bad_rows=bad_rows)
+
+    check_bad_row(make, path, "prompt", reliability)
 
 
 # ----- 6. undecodable bytes in a data file ----------------------------------------------------------------------------

@@ -131,6 +131,10 @@ class PreferenceDataModule(RecordsDataModule):
         row, where = record.row, record.where
         if not isinstance(row, Mapping):
             raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
+        if "prompt" in row and row["prompt"] is None:  # a missing prompt, not an implicit-prompt row
+            raise DataError(
+                where, "prompt", "is missing (None); leave the field out if the prompt is the dialogues' shared start"
+            )
         if "responses" in row:
             return self._ranked(row, where)
         for name in ("chosen", "rejected"):

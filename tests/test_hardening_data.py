@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_align.data import DataError, InstructionDataModule, PreferenceDataModule
+from lit_align.data import DataError, InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_align.data.sources import read_records
 
 pytestmark = pytest.mark.reliability
@@ -49,6 +49,29 @@ def check_bad_row(make, path: Path, field: str | None, reliability) -> DataError
     assert skipping.stats["train"]["skipped_bad_row"] == 1 and skipping.stats["train"]["examples"] == 2
     reliability["counted_skips"] += 1
     return error.value
+
+
+# ----- 4. role order in prompts ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, good, bad, field",
+    [
+        (PromptDataModule, {"messages": CHAT[1:3]}, {"messages": [*CHAT[1:3], CHAT[2]]}, "messages[2].role"),
+        (PromptDataModule, {"prompt": CHAT[1:2]}, {"prompt": [*CHAT[1:3], CHAT[2]]}, "prompt[2].role"),
+        (PromptDataModule, {"prompt": CHAT[1:2]}, {"prompt": CHAT[:1]}, "prompt[0].role"),
+        (
+            PreferenceDataModule,
+            {"prompt": CHAT[1:2], "chosen": "a", "rejected": "b"},
+            {"prompt": CHAT[1:3], "chosen": "a", "rejected": "b"},
+            "prompt[1].role",
+        ),
+    ],
+    ids=["messages, two assistant turns", "prompt, two assistant turns", "system turn only", "prompt ends in a reply"],
+)
+def test_prompt_turns_out_of_order_are_named(tmp_path, tiny_tokenizer, reliability, make, good, bad, field):
+    """The old PromptDataModule dropped every trailing assistant turn, so ``user, assistant, assistant`` passed; a
+    preference prompt ending in an assistant turn named ``prompt[2]``, a turn that does not exist."""
+    path = _bad_row_file(tmp_path, good, bad)
+    check_bad_row(lambda p, b: make(tiny_tokenizer, str(p), val_fraction=0.0, bad_rows=b), path, field, reliability)
 
 
 # ----- 5. a null prompt -----------------------------------------------------------------------------------------------

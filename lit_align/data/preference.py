@@ -18,7 +18,14 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.base import RecordsDataModule
 from lit_align.data.collate import pad_sequences
 from lit_align.data.sources import DataError, DataSource, Record
-from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
+from lit_align.data.tokenize import (
+    IGNORE_INDEX,
+    SegmentEncoder,
+    chat_segments,
+    check_messages,
+    check_prompt_messages,
+    check_text,
+)
 from lit_align.models import load_tokenizer
 
 
@@ -187,7 +194,7 @@ class PreferenceDataModule(RecordsDataModule):
                 shared += 1
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         else:
-            prompt = check_messages([*prompt, {"role": "assistant", "content": ""}], where, "prompt")[:-1]
+            prompt = check_prompt_messages(prompt, where, "prompt")
         turns = []
         for name, reply in (("chosen", chosen), ("rejected", rejected)):
             if isinstance(reply, str):

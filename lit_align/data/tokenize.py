@@ -135,6 +135,20 @@ def check_messages(messages: Any, where: str, field_name: str = "messages") -> l
     return turns
 
 
+def check_prompt_messages(messages: Any, where: str, field_name: str) -> list[dict[str, str]]:
+    """Validated prompt turns: an optional system turn, then user and assistant turns alternating, starting and ending
+    with the user (the assistant's reply is what is to come)."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise DataError(where, field_name, "must be a non-empty list of {'role', 'content'} turns")
+    try:
+        return check_messages([*messages, {"role": "assistant", "content": ""}], where, field_name)[:-1]
+    except DataError as error:
+        if error.field != f"{field_name}[{len(messages)}].role":  # not the reply we added
+            raise
+        last = f"{field_name}[{len(messages) - 1}].role"
+        raise DataError(where, last, f"a prompt must end with a user turn; got {messages[-1]['role']!r}") from None
+
+
 def chat_segments(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
 ) -> list[tuple[str, bool]]:

@@ -18,7 +18,7 @@ from lit_align.data.collate import SFTCollator, pad_sequences, position_ids_from
 from lit_align.data.instruction import InstructionDataModule
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.sources import DataError, DataSource, Record
-from lit_align.data.tokenize import SegmentEncoder, check_messages, check_prompt_messages, check_text
+from lit_align.data.tokenize import SegmentEncoder, check_messages, check_prompt_messages, check_text, render_chat
 from lit_align.models import load_tokenizer
 
 
@@ -145,7 +145,7 @@ class PromptDataModule(RecordsDataModule):
                 fields[name] = check_text(value if not isinstance(value, int | float) else str(value), where, name)
             return [self.prompt_template.format(**fields)]
         if "chosen" in row or "responses" in row:
-            return ["".join(text for text, _ in self._preferences.parse(record).prompt)]
+            return ["".join(segment.text for segment in self._preferences.parse(record).prompt)]
         messages = row.get("messages", row.get("prompt"))
         if isinstance(messages, list):
             name = "messages" if "messages" in row else "prompt"
@@ -153,20 +153,10 @@ class PromptDataModule(RecordsDataModule):
                 turns = check_messages(messages, where, name)[:-1]  # a whole chat: prompt for its last reply
             else:
                 turns = check_prompt_messages(messages, where, name)
-            return [self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)]
+            return [render_chat(self.tokenizer, turns, generation_prompt=True)]
         if "prompt" in row and "completion" not in row:
             return [check_text(row["prompt"], where, "prompt")]
-        prompts = []
-        for example in self._instructions.record_examples(record, index):
-            if example is not None:
-                segments, _ = example
-                prompt = []
-                for text, trainable in segments:
-                    if trainable:
-                        break
-                    prompt.append(text)
-                prompts.append("".join(prompt))
-        return prompts
+        return [e.prompt() for e in self._instructions.record_examples(record, index) if e is not None]
 
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
         examples = []

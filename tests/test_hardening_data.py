@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lit_align.data import IGNORE_INDEX, DataError, InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_align.data.sources import read_records
-from lit_align.data.tokenize import special_prefix
+from lit_align.data.tokenize import empty_response, special_prefix
 from lit_align.models import load_tokenizer
 
 pytestmark = pytest.mark.reliability
@@ -200,10 +200,17 @@ def test_every_turn_of_hh_dialogues_has_its_inference_prompt_as_prefix(tokenizer
         chats = [dialogue_messages(json.loads(line)["chosen"]) for _, line in zip(range(400), f)]
     dm = InstructionDataModule(tokenizer, [{"messages": m} for m in chats], val_fraction=0.0, max_length=100_000)
     dm.setup()
-    assert len(dm.train_dataset) == len(chats)
+    examples = iter(dm.train_dataset)
     checked = 0
-    for messages, example in zip(chats, dm.train_dataset):
-        checked += check_chat(tokenizer, messages, example["input_ids"], example["labels"])
+    for messages in chats:
+        replies = {
+            i: empty_response(tokenizer, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"
+        }
+        if all(replies.values()):
+            continue  # no trainable turn: dropped and counted
+        example = next(examples)
+        unlabelled = {i for i, reason in replies.items() if reason}
+        checked += check_chat(tokenizer, messages, example["input_ids"], example["labels"], unlabelled)
     assert checked == sum(m["role"] == "assistant" for messages in chats for m in messages) > 900
 
 
@@ -247,6 +254,87 @@ def test_a_completion_that_would_gain_a_space_is_a_named_error(tmp_path, reliabi
         return InstructionDataModule(tokenizer, str(path), val_fraction=0.0, bad_rows=bad_rows)
 
     check_bad_row(make, path, "completion", reliability)
+
+
+# ----- 2. content outside the vocabulary ------------------------------------------------------------------------------
+@pytest.mark.parametrize("unk_token", ["<unk>", None], ids=["unknown token", "no unknown token"])
+def test_responses_the_vocabulary_cannot_represent_are_dropped_and_counted(unk_token, reliability):
+    """Emoji with a metaspace vocabulary without byte fallback become nothing (or ``▁`` and the unknown token): the
+    old code trained a lone end-of-turn token, or the unknown token, uncounted."""
+    tokenizer = metaspace_tokenizer(unk_token)
+    emoji = "😀🙂"
+    assert empty_response(tokenizer, emoji) == "dropped_empty_after_tokenization"
+    assert empty_response(tokenizer, "Blue. " + emoji) is None  # some text survives: a response
+    chat = [*CHAT[1:3], {"role": "user", "content": "And you?"}, {"role": "assistant", "content": emoji}]
+    rows = [
+        {"prompt": "Q:", "completion": " Blue."},
+        {"prompt": "Q:", "completion": emoji},
+        {"instruction": "Name a colour.", "output": emoji},
+        {"messages": [*CHAT[1:2], {"role": "assistant", "content": emoji}]},  # nothing left: dropped
+        {"messages": chat},  # the emoji turn is not labelled, the first turn trains
+    ]
+    dm = InstructionDataModule(tokenizer, rows, val_fraction=0.0)
+    dm.setup()
+    reliability["bad_inputs"] += 4
+    assert dm.stats["train"]["dropped_empty_after_tokenization"] == 4
+    assert dm.stats["train"]["examples"] == len(dm.train_dataset) == 2
+    reliability["counted_skips"] += 4
+    check_chat(tokenizer, chat, dm.train_dataset[1]["input_ids"], dm.train_dataset[1]["labels"], unlabelled={3})
+    for example in dm.train_dataset:  # nothing trains on an end-of-turn token alone
+        labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
+        assert tokenizer.decode(labelled, skip_special_tokens=True).strip()
+
+    preference = PreferenceDataModule(
+        tokenizer,
+        [
+            {"prompt": "Q:", "chosen": " Blue.", "rejected": " Red."},
+            {"prompt": "Q:", "chosen": emoji, "rejected": " Red."},
+            {"prompt": CHAT[1:2], "chosen": " Blue.", "rejected": emoji},
+        ],
+        val_fraction=0.0,
+    )
+    preference.setup()
+    reliability["bad_inputs"] += 2
+    assert preference.stats["train"]["dropped_empty_after_tokenization"] == 2
+    assert preference.stats["train"]["examples"] == 1
+    reliability["counted_skips"] += 2
+
+
+# ----- 3. an empty assistant turn -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", CHAT_KINDS)
+def test_empty_assistant_turns_are_not_trained_and_counted(tokenizers, kind, reliability):
+    """The old code kept a chat whose assistant turn is empty and trained an immediate end of turn, uncounted. Now an
+    empty turn is not labelled and counted as an empty response; a chat with no other turn is dropped."""
+    tokenizer = tokenizers[kind]
+    chat = [CHAT[1], {"role": "assistant", "content": ""}, CHAT[3], CHAT[4]]
+    rows = [
+        {"messages": [CHAT[1], {"role": "assistant", "content": "  "}]},
+        {"messages": chat},
+        {"messages": CHAT[1:3]},
+    ]
+    dm = InstructionDataModule(tokenizer, rows, val_fraction=0.0)
+    dm.setup()
+    reliability["bad_inputs"] += 2
+    assert dm.stats["train"]["dropped_empty_response"] == 2
+    assert dm.stats["train"]["examples"] == len(dm.train_dataset) == 2
+    reliability["counted_skips"] += 2
+    check_chat(tokenizer, chat, dm.train_dataset[0]["input_ids"], dm.train_dataset[0]["labels"], unlabelled={1})
+
+    empty_chosen = {"prompt": CHAT[1:2], "chosen": [{"role": "assistant", "content": ""}], "rejected": "Red."}
+    preference = PreferenceDataModule(tokenizer, [empty_chosen], val_fraction=0.0)
+    reliability["bad_inputs"] += 1
+    with pytest.raises(ValueError, match="no usable training examples"):
+        preference.setup()
+    assert preference.stats["train"]["dropped_empty_response"] == 1
+    reliability["counted_skips"] += 1
+
+
+def test_prompts_of_rows_with_an_empty_response_are_still_prompts(tiny_tokenizer):
+    """PPO samples its own responses: an instruction row whose output is empty still gives its prompt (the old code
+    dropped it without a count)."""
+    dm = PromptDataModule(tiny_tokenizer, [{"instruction": "Name a colour.", "output": ""}], val_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_dataset) == 1 and dm.train_dataset[0]["prompt_text"].endswith("### Response:\n")
 
 
 # ----- 4. role order in prompts ---------------------------------------------------------------------------------------
@@ -330,3 +418,20 @@ def test_json_lines_keep_their_rows_whatever_characters_the_strings_hold(tmp_pat
     records = read_records(str(path))
     assert [r.row for r in records] == rows
     assert [r.where for r in records] == [f"{path}, row 1", f"{path}, row 2"]
+
+
+# ----- 7. an empty chosen response ------------------------------------------------------------------------------------
+def test_an_empty_response_is_counted_as_empty_not_as_truncated(tiny_tokenizer, reliability):
+    rows = [
+        {"prompt": "Q:", "chosen": " yes", "rejected": " no"},
+        {"prompt": "Q:", "chosen": "", "rejected": " no"},
+        {"prompt": "Q:", "chosen": " yes", "rejected": "  "},
+        {"prompt": "Q:", "responses": [" a", "", " b"], "ranking": [0, 2, 1]},
+    ]
+    dm = PreferenceDataModule(tiny_tokenizer, rows, val_fraction=0.0)
+    dm.setup()
+    counts = dm.stats["train"]
+    reliability["bad_inputs"] += 4
+    assert counts["dropped_empty_response"] == 4 and counts["dropped_empty_after_truncation"] == 0
+    assert counts["examples"] == 2 and counts["pairs"] == 2
+    reliability["counted_skips"] += 4

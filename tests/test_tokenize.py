@@ -63,7 +63,7 @@ def test_guarantees_on_real_data(tokenizers_by_kind, kind, file_name, options):
     checked = 0
     for index, record in enumerate(records):
         for example in dm.record_examples(record, index):
-            if example is None:
+            if example.empty:
                 continue
             segments, add_eos = example.segments, example.add_eos
             encoded = dm.encoder.encode(segments, add_eos)

@@ -26,6 +26,7 @@ from lit_align.data.tokenize import (
     check_messages,
     check_prompt_messages,
     check_text,
+    empty_response,
 )
 from lit_align.models import load_tokenizer
 
@@ -38,7 +39,7 @@ class Comparison:
         prompt: the prompt's text segments.
         responses: each response's text as it follows the prompt (a chat row's: the rendered assistant turn, with
             the template's end-of-turn token), named by its field.
-        contents: each response's own text (a chat row's: the turn's content).
+        contents: each response's own text (a chat row's: the turn's content), checked for emptiness.
         pairs: ``(better, worse)`` response indices.
         chat: the responses are chat turns, which end with the template's end-of-turn token (no EOS is added).
     """
@@ -89,8 +90,9 @@ class PreferenceDataModule(RecordsDataModule):
       better): K responses give all C(K, 2) pairs (InstructGPT).
 
     Pairs whose responses are identical, or become identical or empty after truncation, are dropped and counted
-    (they only teach ln 2); so are responses that are empty. Malformed rows raise a ``DataError`` naming file, row and
-    field, or are skipped and counted with ``bad_rows="skip"``.
+    (they only teach ln 2); so are pairs with a response that is empty (``dropped_empty_response``) or that the
+    tokenizer turns into nothing (``dropped_empty_after_tokenization``: characters its vocabulary lacks). Malformed
+    rows raise a ``DataError`` naming file, row and field, or are skipped and counted with ``bad_rows="skip"``.
 
     Args:
         tokenizer: a tokenizer, or a name/path for :func:`~lit_align.models.load_tokenizer`; under ``lit-align`` it
@@ -240,9 +242,10 @@ class PreferenceDataModule(RecordsDataModule):
         Each response is tokenized as it follows the prompt (see :class:`~lit_align.data.tokenize.SegmentEncoder`),
         so ``prompt_ids + response_ids[k]`` is exactly the sequence that a single prompt/response pair would give."""
         prompt_ids = self.encoder.encode(comparison.prompt, add_eos=False, where=where).input_ids
+        empty = [empty_response(self.tokenizer, content) for content in comparison.contents]
         response_ids = []
-        for response in comparison.responses:
-            if not response.text.strip():
+        for response, reason in zip(comparison.responses, empty):
+            if reason:
                 response_ids.append([])
                 continue
             ids = self.encoder.encode([*comparison.prompt, response], not comparison.chat, where).input_ids
@@ -260,6 +263,8 @@ class PreferenceDataModule(RecordsDataModule):
         for better, worse in comparison.pairs:
             if comparison.contents[better] == comparison.contents[worse]:
                 counts["dropped_identical"] += 1
+            elif empty[better] or empty[worse]:
+                counts[empty[better] or empty[worse]] += 1
             elif not response_ids[better] or not response_ids[worse]:
                 counts["dropped_empty_after_truncation"] += 1
             elif response_ids[better] == response_ids[worse]:

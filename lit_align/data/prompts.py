@@ -156,7 +156,7 @@ class PromptDataModule(RecordsDataModule):
             return [render_chat(self.tokenizer, turns, generation_prompt=True)]
         if "prompt" in row and "completion" not in row:
             return [check_text(row["prompt"], where, "prompt")]
-        return [e.prompt() for e in self._instructions.record_examples(record, index) if e is not None]
+        return [example.prompt() for example in self._instructions.record_examples(record, index)]
 
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
         examples = []

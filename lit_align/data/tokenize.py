@@ -145,6 +145,19 @@ class SegmentEncoder:
         )
 
 
+def empty_response(tokenizer: PreTrainedTokenizerBase, text: str) -> str | None:
+    """Why ``text`` is no response to learn from, as a count name, or ``None`` if it is one:
+    ``"dropped_empty_response"`` if it is blank; ``"dropped_empty_after_tokenization"`` if the tokenizer keeps none of
+    it (characters that a vocabulary without byte fallback lacks, such as emoji for a SentencePiece-style one, become
+    nothing, a lone word-start ``▁`` or the unknown token), so that only the end-of-turn token would be trained."""
+    if not text.strip():
+        return "dropped_empty_response"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not tokenizer.decode(ids, skip_special_tokens=True).strip():
+        return "dropped_empty_after_tokenization"
+    return None
+
+
 MAX_TEXT_CHARS = 200_000  # far beyond any context window's worth of text: a larger field is a broken row
 
 

@@ -28,7 +28,7 @@ REAL_FILES = [
 def inference_prompt_ids(tokenizer, segments, chat: bool) -> list[int]:
     """How a user would encode the prompt at inference: the tokenizer's own call (with its special tokens) on the
     text before the first labelled segment, or the chat template's generation prompt."""
-    prompt = "".join(text for text, _ in segments[: next(i for i, (_, t) in enumerate(segments) if t)])
+    prompt = "".join(s.text for s in segments[: next(i for i, s in enumerate(segments) if s.trainable)])
     return tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
 
 
@@ -63,9 +63,9 @@ def test_guarantees_on_real_data(tokenizers_by_kind, kind, file_name, options):
     checked = 0
     for index, record in enumerate(records):
         for example in dm.record_examples(record, index):
-            if example is None:
+            if example.empty:
                 continue
-            segments, add_eos = example
+            segments, add_eos = example.segments, example.add_eos
             encoded = dm.encoder.encode(segments, add_eos)
             if all(label == IGNORE_INDEX for label in encoded.labels):
                 continue

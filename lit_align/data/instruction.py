@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -12,13 +13,38 @@ from lit_align.data.base import RecordsDataModule
 from lit_align.data.collate import SFTCollator
 from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.templates import alpaca_prompt, load_templates
-from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
+from lit_align.data.tokenize import (
+    IGNORE_INDEX,
+    Segment,
+    SegmentEncoder,
+    chat_segments,
+    check_messages,
+    check_text,
+    empty_response,
+)
 from lit_align.models import load_tokenizer
 
-Segments = list[tuple[str, bool]]
-Example = tuple[Segments, bool]
-"""An example's ``(text, trainable)`` segments and whether EOS must be appended (not for chat templates, which end
-assistant turns with their own end-of-turn token)."""
+
+@dataclass
+class Example:
+    """An example before tokenizing.
+
+    Attributes:
+        segments: its text, in pieces; ``trainable`` marks the responses (a completion, each assistant turn).
+        add_eos: whether EOS must be appended (not for chat templates, which end assistant turns with their own
+            end-of-turn token).
+        empty: the responses that are left out of the loss, as segment index -> the count name saying why
+            (``dropped_empty_response``, ``dropped_empty_after_tokenization``).
+    """
+
+    segments: list[Segment]
+    add_eos: bool
+    empty: dict[int, str] = field(default_factory=dict)
+
+    def prompt(self) -> str:
+        """The text before the first response."""
+        first = next((k for k, segment in enumerate(self.segments) if segment.trainable), len(self.segments))
+        return "".join(segment.text for segment in self.segments[:first])
 
 
 class InstructionDataModule(RecordsDataModule):
@@ -33,7 +59,10 @@ class InstructionDataModule(RecordsDataModule):
       (Self-Instruct seed tasks: one example per instance). Rendered in the Alpaca prompt format.
     - any fields, rendered through FLAN-style ``templates`` (see :mod:`lit_align.data.templates`).
 
-    Rows whose response is empty, or becomes empty after truncation, are dropped and counted (they carry no loss).
+    A response that is empty, or that the tokenizer turns into nothing (characters its vocabulary lacks), is left out
+    of the loss and counted per response (``dropped_empty_response``, ``dropped_empty_after_tokenization``): an empty
+    assistant turn of a chat is not labelled while the chat's other turns train, and an example with no response left
+    is dropped. Examples whose response is cut away by truncation are dropped and counted too.
     Malformed rows raise a :class:`~lit_align.data.sources.DataError` naming the file, row and field, or are skipped
     and counted with ``bad_rows="skip"``. The counts are logged when the data is set up and kept in ``self.stats``.
 
@@ -101,10 +130,14 @@ class InstructionDataModule(RecordsDataModule):
         """The tokenized examples of one row (a Self-Instruct row can hold several), counting what is dropped."""
         examples = []
         for example in self.record_examples(record, index):
-            if example is None:
-                counts["dropped_empty_response"] += 1
-                continue
-            encoded = self.encoder.encode(*example)
+            counts.update(example.empty.values())
+            if len(example.empty) == sum(segment.trainable for segment in example.segments):
+                continue  # no response left to learn from
+            segments = [
+                Segment(text, k not in example.empty if trainable else self.train_on_prompt, name)
+                for k, (text, trainable, name) in enumerate(example.segments)
+            ]
+            encoded = self.encoder.encode(segments, example.add_eos, record.where)
             counts["truncated"] += encoded.truncated
             if all(label == IGNORE_INDEX for label in encoded.labels):
                 counts["dropped_empty_after_truncation"] += 1
@@ -112,34 +145,31 @@ class InstructionDataModule(RecordsDataModule):
             examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
         return examples
 
-    def record_examples(self, record: Record, index: int) -> list[Example | None]:
-        """The examples in ``record`` (``None`` for one whose response is empty)."""
+    def record_examples(self, record: Record, index: int) -> list[Example]:
+        """The examples in ``record``, their empty responses marked."""
         row, where = record.row, record.where
         if not isinstance(row, Mapping):
             raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
         if self.templates is not None:
             pairs = self.templates.render(row, index, where, self.every_template)
-        elif "messages" in row:
-            segments = chat_segments(self.tokenizer, check_messages(row["messages"], where), where)
-            if not any(text.strip() for text, trainable in segments if trainable):
-                return [None]
-            return [([(text, trainable or self.train_on_prompt) for text, trainable in segments], False)]
-        elif "prompt" in row or "completion" in row:
-            pairs = [
-                (check_text(row.get("prompt"), where, "prompt"), check_text(row.get("completion"), where, "completion"))
-            ]
-        elif "instruction" in row:
-            pairs = self._instruction_pairs(row, where)
-        else:
-            raise DataError(
-                where,
-                None,
-                f"has fields {sorted(row)}; expected 'messages', 'prompt'/'completion', or "
-                "'instruction'/'output' (or pass templates)",
-            )
-        return [self._pair_segments(prompt, completion, where) for prompt, completion in pairs]
+            return [self._pair_example(prompt, completion, where, None, None) for prompt, completion in pairs]
+        if "messages" in row:
+            messages = check_messages(row["messages"], where)
+            return [self._chat_example(messages, where)]
+        if "prompt" in row or "completion" in row:
+            prompt = check_text(row.get("prompt"), where, "prompt")
+            completion = check_text(row.get("completion"), where, "completion")
+            return [self._pair_example(prompt, completion, where, "prompt", "completion")]
+        if "instruction" in row:
+            return self._instruction_examples(row, where)
+        raise DataError(
+            where,
+            None,
+            f"has fields {sorted(row)}; expected 'messages', 'prompt'/'completion', or "
+            "'instruction'/'output' (or pass templates)",
+        )
 
-    def _instruction_pairs(self, row: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
+    def _instruction_examples(self, row: Mapping[str, Any], where: str) -> list[Example]:
         instruction = check_text(row.get("instruction"), where, "instruction")
         if "instances" in row:
             instances = row["instances"]
@@ -148,7 +178,7 @@ class InstructionDataModule(RecordsDataModule):
             items = [(inst, f"instances[{i}].") for i, inst in enumerate(instances)]
         else:
             items = [(row, "")]
-        pairs = []
+        examples = []
         for item, prefix in items:
             if not isinstance(item, Mapping):
                 raise DataError(where, prefix.rstrip("."), "must be an object with 'input' and 'output'")
@@ -156,19 +186,31 @@ class InstructionDataModule(RecordsDataModule):
             input_text = "" if input_text is None else check_text(input_text, where, f"{prefix}input")
             output = check_text(item.get("output"), where, f"{prefix}output")
             if self.use_chat_template:
-                pairs.append((f"{instruction}\n\n{input_text}" if input_text else instruction, output))
+                prompt = f"{instruction}\n\n{input_text}" if input_text else instruction
             else:
-                pairs.append((alpaca_prompt(instruction, input_text), output))
-        return pairs
+                prompt = alpaca_prompt(instruction, input_text)
+            examples.append(self._pair_example(prompt, output, where, "instruction", f"{prefix}output"))
+        return examples
 
-    def _pair_segments(self, prompt: str, completion: str, where: str) -> Example | None:
+    def _pair_example(
+        self, prompt: str, completion: str, where: str, prompt_field: str | None, completion_field: str | None
+    ) -> Example:
         for marker in self.end_markers:
             if completion.endswith(marker):
                 completion = completion[: -len(marker)]
-        if not completion.strip():
-            return None
         if self.use_chat_template:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            segments = chat_segments(self.tokenizer, messages, where)
-            return [(text, trainable or self.train_on_prompt) for text, trainable in segments], False
-        return [(prompt, self.train_on_prompt), (completion, True)], True
+            example = self._chat_example(messages, where)
+            fields = {False: prompt_field, True: completion_field}  # the row's fields, not the turns we made of them
+            example.segments = [segment._replace(field=fields[segment.trainable]) for segment in example.segments]
+            return example
+        segments = [Segment(prompt, False, prompt_field), Segment(completion, True, completion_field)]
+        reason = empty_response(self.tokenizer, completion)
+        return Example(segments, True, {1: reason} if reason else {})
+
+    def _chat_example(self, messages: list[dict[str, str]], where: str) -> Example:
+        segments = chat_segments(self.tokenizer, messages, where)
+        responses = [k for k, segment in enumerate(segments) if segment.trainable]
+        replies = [message["content"] for message in messages if message["role"] == "assistant"]
+        reasons = {k: empty_response(self.tokenizer, content) for k, content in zip(responses, replies)}
+        return Example(segments, False, {k: reason for k, reason in reasons.items() if reason})

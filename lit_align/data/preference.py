@@ -18,16 +18,35 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.base import RecordsDataModule
 from lit_align.data.collate import pad_sequences
 from lit_align.data.sources import DataError, DataSource, Record
-from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder, chat_segments, check_messages, check_text
+from lit_align.data.tokenize import (
+    IGNORE_INDEX,
+    Segment,
+    SegmentEncoder,
+    chat_segments,
+    check_messages,
+    check_prompt_messages,
+    check_text,
+    empty_response,
+)
 from lit_align.models import load_tokenizer
 
 
 @dataclass
 class Comparison:
-    """A prompt's responses as ``(text segments, add_eos)`` and the ``(better, worse)`` index pairs among them."""
+    """A prompt, its K responses and the ``(better, worse)`` index pairs among them.
 
-    prompt: list[tuple[str, bool]]
-    responses: list[str]
+    Attributes:
+        prompt: the prompt's text segments.
+        responses: each response's text as it follows the prompt (a chat row's: the rendered assistant turn, with
+            the template's end-of-turn token), named by its field.
+        contents: each response's own text (a chat row's: the turn's content), checked for emptiness.
+        pairs: ``(better, worse)`` response indices.
+        chat: the responses are chat turns, which end with the template's end-of-turn token (no EOS is added).
+    """
+
+    prompt: list[Segment]
+    responses: list[Segment]
+    contents: list[str]
     pairs: list[tuple[int, int]]
     chat: bool = False
 
@@ -71,8 +90,9 @@ class PreferenceDataModule(RecordsDataModule):
       better): K responses give all C(K, 2) pairs (InstructGPT).
 
     Pairs whose responses are identical, or become identical or empty after truncation, are dropped and counted
-    (they only teach ln 2); so are responses that are empty. Malformed rows raise a ``DataError`` naming file, row and
-    field, or are skipped and counted with ``bad_rows="skip"``.
+    (they only teach ln 2); so are pairs with a response that is empty (``dropped_empty_response``) or that the
+    tokenizer turns into nothing (``dropped_empty_after_tokenization``: characters its vocabulary lacks). Malformed
+    rows raise a ``DataError`` naming file, row and field, or are skipped and counted with ``bad_rows="skip"``.
 
     Args:
         tokenizer: a tokenizer, or a name/path for :func:`~lit_align.models.load_tokenizer`; under ``lit-align`` it
@@ -131,6 +151,10 @@ class PreferenceDataModule(RecordsDataModule):
         row, where = record.row, record.where
         if not isinstance(row, Mapping):
             raise DataError(where, None, f"must be an object with named fields, got {type(row).__name__}")
+        if "prompt" in row and row["prompt"] is None:  # a missing prompt, not an implicit-prompt row
+            raise DataError(
+                where, "prompt", "is missing (None); leave the field out if the prompt is the dialogues' shared start"
+            )
         if "responses" in row:
             return self._ranked(row, where)
         for name in ("chosen", "rejected"):
@@ -143,15 +167,18 @@ class PreferenceDataModule(RecordsDataModule):
             return self._conversational(prompt, chosen, rejected, where)
         chosen = check_text(chosen, where, "chosen")
         rejected = check_text(rejected, where, "rejected")
+        prompt_field = "prompt"
         if prompt is None:
             prompt, chosen, rejected = split_shared_prefix(chosen, rejected, self.assistant_marker)
+            prompt_field = "chosen"
             if not prompt:
                 raise DataError(
                     where, "chosen", f"shares no {self.assistant_marker!r} turn with 'rejected' to split at"
                 )
         else:
             prompt = check_text(prompt, where, "prompt")
-        return Comparison([(prompt, False)], [chosen, rejected], [(0, 1)])
+        responses = [Segment(chosen, True, "chosen"), Segment(rejected, True, "rejected")]
+        return Comparison([Segment(prompt, False, prompt_field)], responses, [chosen, rejected], [(0, 1)])
 
     def _ranked(self, row: Mapping[str, Any], where: str) -> Comparison:
         prompt = check_text(row.get("prompt"), where, "prompt")
@@ -172,7 +199,8 @@ class PreferenceDataModule(RecordsDataModule):
             pairs = score_pairs(scores)
         else:
             raise DataError(where, "ranking", "is missing: ranked rows need 'ranking' (best first) or 'scores'")
-        return Comparison([(prompt, False)], responses, pairs)
+        segments = [Segment(text, True, f"responses[{i}]") for i, text in enumerate(responses)]
+        return Comparison([Segment(prompt, False, "prompt")], segments, responses, pairs)
 
     def _conversational(self, prompt: Any, chosen: Any, rejected: Any, where: str) -> Comparison:
         if prompt is None:  # implicit: the shared leading turns are the prompt
@@ -183,7 +211,7 @@ class PreferenceDataModule(RecordsDataModule):
                 shared += 1
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         else:
-            prompt = check_messages([*prompt, {"role": "assistant", "content": ""}], where, "prompt")[:-1]
+            prompt = check_prompt_messages(prompt, where, "prompt")
         turns = []
         for name, reply in (("chosen", chosen), ("rejected", rejected)):
             if isinstance(reply, str):
@@ -192,44 +220,51 @@ class PreferenceDataModule(RecordsDataModule):
                 raise DataError(where, name, "must be one assistant turn (a string or a one-message list)")
             turns.append(check_messages([*prompt, *reply], where, name)[-1])
         rendered = [chat_segments(self.tokenizer, [*prompt, turn], where) for turn in turns]
-        prompt_text = "".join(text for text, trainable in rendered[0][:-1])
+        prompt_text = "".join(segment.text for segment in rendered[0][:-1])
         responses = []
-        for segments in rendered:
-            if "".join(text for text, _ in segments[:-1]) != prompt_text or not segments[-1][1]:
-                raise DataError(where, "chosen", "the chat template renders the shared prompt differently per response")
-            responses.append(segments[-1][0])
-        return Comparison([(prompt_text, False)], responses, [(0, 1)], chat=True)
+        for name, segments in zip(("chosen", "rejected"), rendered):
+            if "".join(segment.text for segment in segments[:-1]) != prompt_text or not segments[-1].trainable:
+                raise DataError(where, name, "the chat template renders the shared prompt differently per response")
+            responses.append(Segment(segments[-1].text, True, name))
+        contents = [turn["content"] for turn in turns]
+        return Comparison([Segment(prompt_text, False, "prompt")], responses, contents, [(0, 1)], chat=True)
 
     # ----- tokenizing -------------------------------------------------------------------------------------------
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
-        example = self.encode(self.parse(record), counts)
+        example = self.encode(self.parse(record), counts, record.where)
         if example is None:
             return []
         counts["pairs"] += len(example["pairs"])
         return [example]
 
-    def encode(self, comparison: Comparison, counts: Counter) -> dict[str, Any] | None:
-        """``{"prompt_ids", "response_ids": [K lists], "pairs"}``; ``None`` (counted) if no usable pair is left."""
-        prompt_ids = self.encoder.encode(comparison.prompt, add_eos=False).input_ids
+    def encode(self, comparison: Comparison, counts: Counter, where: str = "input") -> dict[str, Any] | None:
+        """``{"prompt_ids", "response_ids": [K lists], "pairs"}``; ``None`` (counted) if no usable pair is left.
+        Each response is tokenized as it follows the prompt (see :class:`~lit_align.data.tokenize.SegmentEncoder`),
+        so ``prompt_ids + response_ids[k]`` is exactly the sequence that a single prompt/response pair would give."""
+        prompt_ids = self.encoder.encode(comparison.prompt, add_eos=False, where=where).input_ids
+        empty = [empty_response(self.tokenizer, content) for content in comparison.contents]
+        response_ids = []
+        for response, reason in zip(comparison.responses, empty):
+            if reason:
+                response_ids.append([])
+                continue
+            ids = self.encoder.encode([*comparison.prompt, response], not comparison.chat, where).input_ids
+            response_ids.append(ids[len(prompt_ids) :])
         if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
             keep = len(self.encoder.prefix)
             prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (self.max_prompt_length - keep) :]
             counts["prompt_truncated"] += 1
         budget = self.max_length - len(prompt_ids)
-        eos = self.tokenizer.eos_token_id
-        response_ids = []
-        for text in comparison.responses:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
-            if ids and not comparison.chat and ids[-1] != eos:
-                ids.append(eos)
+        for k, ids in enumerate(response_ids):
             if len(ids) > budget:
                 counts["truncated"] += 1
-                ids = ids[: max(budget, 0)]
-            response_ids.append(ids)
+                response_ids[k] = ids[: max(budget, 0)]
         pairs = []
         for better, worse in comparison.pairs:
-            if comparison.responses[better] == comparison.responses[worse]:
+            if comparison.contents[better] == comparison.contents[worse]:
                 counts["dropped_identical"] += 1
+            elif empty[better] or empty[worse]:
+                counts[empty[better] or empty[worse]] += 1
             elif not response_ids[better] or not response_ids[worse]:
                 counts["dropped_empty_after_truncation"] += 1
             elif response_ids[better] == response_ids[worse]:

@@ -18,7 +18,7 @@ from lit_align.data.collate import SFTCollator, pad_sequences, position_ids_from
 from lit_align.data.instruction import InstructionDataModule
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.sources import DataError, DataSource, Record
-from lit_align.data.tokenize import SegmentEncoder, check_messages, check_text
+from lit_align.data.tokenize import SegmentEncoder, check_messages, check_prompt_messages, check_text, render_chat
 from lit_align.models import load_tokenizer
 
 
@@ -64,8 +64,9 @@ class PromptCollator:
 class PromptDataModule(RecordsDataModule):
     """Prompts to sample responses to, with an optional pre-training text source for the PPO-ptx term.
 
-    Prompt rows (detected per row): ``{"prompt": "..."}``; chat (``{"messages": [...]}`` or ``{"prompt": [...]}``;
-    a trailing assistant turn is dropped and the template's generation prompt added); the prompt side of
+    Prompt rows (detected per row): ``{"prompt": "..."}``; chat (``{"messages": [...]}`` or ``{"prompt": [...]}``,
+    validated like any chat; a trailing assistant turn is dropped and the template's generation prompt added, so the
+    prompt is what inference renders for the chat's last reply); the prompt side of
     preference rows (explicit, implicit Anthropic HH, ranked) and of instruction rows (Alpaca, Self-Instruct
     instances, prompt/completion, FLAN templates are not used here); or any row rendered by ``prompt_template``
     (GSM8K's ``{"question", "answer"}``). Bad rows are named or counted, as everywhere.
@@ -144,28 +145,18 @@ class PromptDataModule(RecordsDataModule):
                 fields[name] = check_text(value if not isinstance(value, int | float) else str(value), where, name)
             return [self.prompt_template.format(**fields)]
         if "chosen" in row or "responses" in row:
-            return ["".join(text for text, _ in self._preferences.parse(record).prompt)]
+            return ["".join(segment.text for segment in self._preferences.parse(record).prompt)]
         messages = row.get("messages", row.get("prompt"))
         if isinstance(messages, list):
             name = "messages" if "messages" in row else "prompt"
-            turns = list(messages)
-            while turns and isinstance(turns[-1], Mapping) and turns[-1].get("role") == "assistant":
-                turns.pop()
-            check_messages([*turns, {"role": "assistant", "content": "x"}], where, name)
-            return [self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)]
+            if messages and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant":
+                turns = check_messages(messages, where, name)[:-1]  # a whole chat: prompt for its last reply
+            else:
+                turns = check_prompt_messages(messages, where, name)
+            return [render_chat(self.tokenizer, turns, generation_prompt=True)]
         if "prompt" in row and "completion" not in row:
             return [check_text(row["prompt"], where, "prompt")]
-        prompts = []
-        for example in self._instructions.record_examples(record, index):
-            if example is not None:
-                segments, _ = example
-                prompt = []
-                for text, trainable in segments:
-                    if trainable:
-                        break
-                    prompt.append(text)
-                prompts.append("".join(prompt))
-        return prompts
+        return [example.prompt() for example in self._instructions.record_examples(record, index)]
 
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
         examples = []

@@ -23,6 +23,7 @@ BUNDLED_DATA = Path(__file__).parents[1] / "assets" / "data"
 
 _JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _ARROW_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some Windows editors write: not text
 
 
 class DataError(ValueError):
@@ -48,27 +49,43 @@ class Record:
     row: Any
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+        raise DataError(f"{path}", None, f"cannot be read: {e}") from None
 
 
 def _read_json(path: Path) -> list[Record]:
-    with _open_text(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON array of records
+    """Records of a JSON array file or a JSONL file. JSONL lines are split at ``\\n`` only (U+2028 and the other
+    Unicode line breaks are legal inside a JSON string) and decoded one at a time, so that an undecodable or
+    unparsable line is that row's error (skippable with ``bad_rows="skip"``) and every row keeps its line number."""
+    data = _read_bytes(path)
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    if data[start:].lstrip().startswith(b"["):  # a JSON array of records: one document, one bad byte fails it all
+        try:
+            text = data[start:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            offset = start + e.start
+            line = data.count(b"\n", 0, offset) + 1
+            raise DataError(f"{path}", None, f"invalid UTF-8 at byte offset {offset} (line {line})") from None
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}", None, f"invalid JSON at line {e.lineno}: {e.msg}") from None
         return [Record(f"{path}, row {i}", row) for i, row in enumerate(rows, start=1)]
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(data[start:].split(b"\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:  # raised when the row is used, so that bad_rows="skip" can skip it
+        try:  # a bad line is raised when the row is used, so that bad_rows="skip" can skip it
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            row = UnreadableRow(f"invalid UTF-8 at byte {e.start} of the line")
+        except json.JSONDecodeError as e:
             row = UnreadableRow(f"invalid JSON: {e.msg}")
         records.append(Record(f"{path}, row {lineno}", row))
     return records

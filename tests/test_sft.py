@@ -211,3 +211,20 @@ def test_a_model_loaded_from_a_directory_trains_in_train_mode(tmp_path, tiny_tok
     dpo.train()
     assert dpo.model.training and not dpo.ref_model.training
     reliability["survived"] += 1
+
+
+def test_the_eos_embedding_trains_when_pad_is_eos(tmp_path, tokenizers_by_kind):
+    """transformers gives the embedding ``padding_idx = config.pad_token_id``, a row that never gets a gradient: with
+    pad == eos (the GPT-2-style tokenizer) that row is EOS, which ends every response and is where a reward model
+    reads its score. A reward model trained a few steps must move it."""
+    from lit_align import PreferenceDataModule, RewardModule
+    from lit_align.models import load_reward_model
+
+    tokenizer = tokenizers_by_kind["gpt2_style"]
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    module = RewardModule(model=load_reward_model("tiny", tokenizer), tokenizer=tokenizer, lr=1e-2)
+    eos = tokenizer.eos_token_id
+    before = module.model.get_input_embeddings().weight[eos].clone()
+    data = PreferenceDataModule(tokenizer, val_fraction=0.0, max_length=96, batch_size=4)
+    trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, data)
+    assert not torch.equal(before, module.model.get_input_embeddings().weight[eos])

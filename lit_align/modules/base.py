@@ -371,6 +371,12 @@ class AlignModule(L.LightningModule):
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
         keep_rotary_fp32(model)  # also a model passed in, should the Trainer cast it (bf16-true)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if isinstance(embeddings, nn.Embedding):
+            # A config's pad id becomes the embedding's padding_idx, whose row gets no gradient: with pad == eos the
+            # EOS embedding (where rewards are read, what ends every response) would never train. Padding positions
+            # are masked and carry no loss, so every row may train.
+            embeddings.padding_idx = None
         if self.residual_dropout is not None:
             add_residual_dropout(model, self.residual_dropout)
         if self.gradient_checkpointing:

@@ -3,22 +3,43 @@ implementation."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lit_align.data.collate import position_ids_from_mask
 from lit_align.modules.base import unwrap_model
+from lit_align.parallel import needs_synced_steps
+
+
+def completion_seeds(*stream: Any, keys: Sequence[int], num_samples: int) -> torch.Tensor:
+    """``[len(keys) * num_samples]`` int64 seeds, one per completion: a hash of the ``stream`` (the run's seed, the
+    epoch and batch, or validation and the step), the prompt's key (its index in the data) and the sample's index.
+    A completion sampled from such a seed depends on nothing else: not on the batch it shares, not on how the batch
+    is split over ranks, not on the global RNG (which a sampling engine may reseed), so sampling is the same on one
+    rank or several, and in a resumed run."""
+    prefix = repr(stream).encode()
+    seeds = [
+        int.from_bytes(hashlib.blake2b(prefix + repr((int(key), k)).encode(), digest_size=8).digest(), "little") >> 1
+        for key in keys
+        for k in range(num_samples)
+    ]
+    return torch.tensor(seeds, dtype=torch.int64)
 
 
 class Generator:
     """Samples completions: a small interface so that a faster engine (vLLM, ...) can replace Hugging Face
     ``generate`` without touching the maths. From ``[B, P]`` left-padded prompts it returns ``[B * num_samples, R]``
     completion ids, the ``num_samples`` completions of a prompt consecutive; after a row's first EOS anything may
-    follow (it is masked). Subclass it (configs name a subclass with ``class_path``)."""
+    follow (it is masked). ``seeds`` (``[B * num_samples]``, see :func:`completion_seeds`) make each completion a
+    function of its own seed. Subclass it (configs name a subclass with ``class_path``)."""
 
     def __call__(
         self,
@@ -32,8 +53,45 @@ class Generator:
         eos_token_id: int,
         pad_token_id: int,
         num_samples: int = 1,
+        seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+class KeyedSampling(LogitsProcessor):
+    """Sampling as a function of a seed per row: the Gumbel-max trick, ``argmax(logits / T + g)`` with ``g`` standard
+    Gumbel noise drawn from a generator seeded by the row's seed and the decoding step, is an exact sample of
+    ``softmax(logits / T)`` (restricted to the top-k and the top-p nucleus when asked). Run with greedy decoding
+    (``do_sample=False``), after every other logits processor.
+
+    Args:
+        seeds: one int64 seed per row.
+        start: the input length at the first decoding step (the padded prompt length).
+        temperature, top_p, top_k: as in sampling (``top_k=0``: no limit).
+    """
+
+    def __init__(self, seeds: torch.Tensor, start: int, temperature: float, top_p: float, top_k: int = 0) -> None:
+        self.seeds, self.start = [int(s) for s in seeds], start
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.start
+        logits = scores.float() / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if self.top_p < 1.0:  # the smallest set of top tokens whose probability reaches top_p, as HF's warper
+            ordered, order = logits.sort(-1, descending=True)
+            probs = ordered.softmax(-1)
+            outside = probs.cumsum(-1) - probs >= self.top_p  # the mass before the token already reaches top_p
+            logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), -math.inf)
+        generator = torch.Generator(device=scores.device)
+        noise = torch.empty_like(logits)
+        for row, seed in enumerate(self.seeds):
+            generator.manual_seed((seed + step * 0x9E3779B97F4A7C15) % (1 << 63))
+            noise[row] = torch.rand(logits.shape[-1], generator=generator, device=scores.device)
+        tiny = torch.finfo(noise.dtype).tiny
+        return logits - torch.log(-torch.log(noise.clamp(min=tiny, max=1 - 1e-7)))
 
 
 class HFGenerator(Generator):
@@ -54,11 +112,21 @@ class HFGenerator(Generator):
         self.share_prompt_cache = share_prompt_cache
 
     def __call__(self, model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_token_id,
-                 pad_token_id, num_samples=1) -> torch.Tensor:  # fmt: skip
+                 pad_token_id, num_samples=1, seeds=None) -> torch.Tensor:  # fmt: skip
         lm = unwrap_model(model)
         options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)  # fmt: skip
         options.update(self.generate_kwargs)
+        if seeds is not None and options["do_sample"]:  # keyed: greedy decoding of logits plus per-row noise
+            unsupported = sorted(set(options) & _OTHER_WARPERS)
+            if unsupported:
+                raise ValueError(f"keyed sampling supports temperature, top_p and top_k, not {unsupported}")
+            keyed = KeyedSampling(seeds, input_ids.shape[1], options.pop("temperature"), options.pop("top_p"),
+                                  options.pop("top_k") or 0)  # fmt: skip
+            options.update(do_sample=False, logits_processor=LogitsProcessorList([*options.get("logits_processor", []),
+                                                                                  keyed]))  # fmt: skip
+        if needs_synced_steps(lm):  # sharded, gathered layer by layer: every rank runs every decoding step
+            options["synced_gpus"] = True
         if num_samples > 1:
             cache = (
                 self.prompt_cache(lm, input_ids, attention_mask, num_samples, **self.generate_kwargs)
@@ -101,6 +169,9 @@ class HFGenerator(Generator):
             rank_zero_warn(f"{type(lm).__name__}: prompts are prefilled once per sample ({error!r})")
             return None
         return cache
+
+
+_OTHER_WARPERS = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}  # sampling warpers KeyedSampling does not apply
 
 
 def _cache_argument(lm: nn.Module) -> str:

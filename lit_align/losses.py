@@ -23,6 +23,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def _token_mean(values: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | float | None) -> torch.Tensor:
+    """The sum of ``values`` where ``mask`` is true divided by ``n_tokens`` (default: how many that is)."""
+    if n_tokens is None:
+        return masked_mean(values, mask)
+    normaliser = torch.as_tensor(n_tokens, dtype=values.dtype, device=values.device)
+    return (values * mask.to(values.dtype)).sum() / normaliser.clamp(min=1)
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``log_softmax(logits)[..., index]`` in fp32 without materialising the ``[..., V]`` fp32 log-softmax.
 
@@ -418,12 +426,21 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -
     raise ValueError(f"unknown KL estimator {kind!r}; choose 'k1' or 'k3'")
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``values`` normalised to zero mean and unit variance over the positions where ``mask`` is true (the mean is
-    added back if ``shift_mean`` is false). Masked positions are returned as 0."""
+    added back if ``shift_mean`` is false). Masked positions are returned as 0. ``moments`` ``(mean, variance)``
+    replace this batch's (under data parallelism: those of every rank's values, so that each rank normalises as one
+    device with the whole batch would)."""
     mask = mask.to(values.dtype)
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+    if moments is None:
+        mean = masked_mean(values, mask)
+        moments = (mean, masked_mean((values - mean) ** 2, mask))
+    mean, var = moments
     out = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -464,10 +481,13 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    n_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over response tokens.
 
-    ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)`` with ``ratio = exp(log pi - log pi_old)``.
+    ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)`` with ``ratio = exp(log pi - log pi_old)``, summed over the
+    response tokens and divided by ``n_tokens`` (default: this batch's count; under data parallelism the global
+    mini-batch's count divided by the number of ranks, so that the ranks' averaged gradients are the global mean's).
 
     Returns:
         ``(loss, clip_fraction, approx_kl)``: the scalar fp32 loss; the fraction of tokens whose ratio was clipped
@@ -478,7 +498,7 @@ def ppo_policy_loss(
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    loss = _token_mean(-torch.minimum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped < unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
@@ -491,9 +511,11 @@ def ppo_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    n_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (as in OpenAI's PPO baselines and InstructGPT's setup): the larger of the squared errors
-    of the new value and of the old value moved at most ``clip_eps``, halved and averaged over response tokens.
+    of the new value and of the old value moved at most ``clip_eps``, halved and averaged over response tokens
+    (divided by ``n_tokens`` as in :func:`ppo_policy_loss`).
 
     Returns:
         ``(loss, clip_fraction)``: the scalar fp32 loss and the fraction of tokens where the clipped error was used.
@@ -501,7 +523,7 @@ def ppo_value_loss(
     values = values.float()
     clipped = old_values.float() + (values - old_values.float()).clamp(-clip_eps, clip_eps)
     error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(error, clipped_error), mask)
+    loss = 0.5 * _token_mean(torch.maximum(error, clipped_error), mask, n_tokens)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_error > error).float(), mask)
     return loss, clip_fraction

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_align.data.sources import DataError, DataSource, Record, UnreadableRow, read_records
 
@@ -25,18 +25,28 @@ def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
     return read_records(source)
 
 
-class ResumableSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on ``(seed, epoch)`` and which can resume mid-epoch.
+class ResumableSampler(DistributedSampler):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``, sharded over ``num_replicas`` ranks, and
+    resumable mid-epoch.
+
+    Every rank computes the same global order; global batch ``i`` is ``batch_size x num_replicas`` consecutive
+    examples of it, and rank ``r`` takes the ``r``-th slice of each (with ``lengths``, the global order is grouped
+    by length first, so every rank's batch holds similar lengths too). The order is padded to a multiple of
+    ``num_replicas`` with its first examples, as ``DistributedSampler`` pads, so every rank has the same number of
+    batches. With one rank this is the plain shuffled order.
 
     Lightning calls :meth:`set_epoch` at every epoch start; the DataModule counts the batches that reach the
     training step (:meth:`consumed`), and the count is checkpointed with the loop state, so that a resumed run
-    continues with exactly the batch after the last one trained on: none replayed, none skipped.
+    continues with exactly the batch after the last one trained on: none replayed, none skipped, on every rank.
+    (A ``DistributedSampler`` subclass, so Lightning does not wrap it in one of its own.)
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True, lengths: Sequence[int] | None = None
-    ) -> None:
-        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True, lengths: Sequence[int] | None = None,
+        num_replicas: int = 1, rank: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.size, self.batch_size = size, batch_size
         self.lengths = lengths
         self.epoch, self.batches_done, self._resume_at = 0, 0, 0
 
@@ -45,45 +55,61 @@ class ResumableSampler(Sampler[int]):
             self.epoch, self.batches_done, self._resume_at = epoch, 0, 0
 
     def order(self) -> list[int]:
+        """The global order of the epoch (every rank's examples, before sharding and padding)."""
         if not self.shuffle:
             return list(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         if self.lengths is None:
             return order
-        # Random chunks of 64 batches; within a chunk, batches of similar lengths, in random order.
-        chunk, grouped = self.batch_size * 64, []
+        # Random chunks of 64 global batches; within a chunk, batches of similar lengths, in random order.
+        step = self.batch_size * self.num_replicas
+        chunk, grouped = step * 64, []
         for start in range(0, len(order), chunk):
             ranked = sorted(order[start : start + chunk], key=lambda j: -self.lengths[j])
-            batches = [ranked[b : b + self.batch_size] for b in range(0, len(ranked), self.batch_size)]
-            last = batches.pop() if len(batches[-1]) < self.batch_size else []  # a short batch stays at the end
+            batches = [ranked[b : b + step] for b in range(0, len(ranked), step)]
+            last = batches.pop() if len(batches[-1]) < step else []  # a short batch stays at the end
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 grouped += batches[b]
             grouped += last
         return grouped
 
+    def rank_order(self) -> list[int]:
+        """This rank's examples of the epoch, in order."""
+        order = self.order()
+        order += order[: -len(order) % self.num_replicas] if order else []  # pad: every rank as many examples
+        step, mine = self.batch_size * self.num_replicas, []
+        for start in range(0, len(order), step):
+            batch = order[start : start + step]
+            share = len(batch) // self.num_replicas
+            mine += batch[self.rank * share : (self.rank + 1) * share]
+        return mine
+
     def __iter__(self):
         start, self._resume_at = self._resume_at * self.batch_size, 0
         self.batches_done = start // self.batch_size
-        return iter(self.order()[start:])
+        return iter(self.rank_order()[start:])
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.num_replicas)
 
     def consumed(self) -> None:
         self.batches_done += 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "size": self.size, "seed": self.seed}
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "size": self.size, "seed": self.seed,
+                "num_replicas": self.num_replicas}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("size") != self.size or state.get("seed") != self.seed:
+        saved = (state.get("size"), state.get("seed"), state.get("num_replicas", 1))
+        if saved != (self.size, self.seed, self.num_replicas):
             raise ValueError(
-                f"cannot resume the data order: the checkpoint was taken on {state.get('size')} training examples "
-                f"with seed {state.get('seed')}, this run has {self.size} with seed {self.seed}"
+                f"cannot resume the data order: the checkpoint was taken on {saved[0]} training examples with seed "
+                f"{saved[1]} on {saved[2]} rank(s); this run has {self.size} with seed {self.seed} on "
+                f"{self.num_replicas}"
             )
         epoch, done = state["epoch"], state["batches_done"]
-        if done >= -(-self.size // self.batch_size):  # saved after the epoch's last batch: resume at the next epoch
+        if done >= -(-len(self) // self.batch_size):  # saved after the epoch's last batch: resume at the next epoch
             epoch, done = epoch + 1, 0
         self.epoch, self.batches_done, self._resume_at = epoch, done, done
 
@@ -177,18 +203,12 @@ class RecordsDataModule(L.LightningDataModule):
             raise ValueError(f"no usable training examples; counts: {dict(self.stats['train'])}")
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled in an order fixed by ``seed`` and the epoch, and resumable mid-epoch from a checkpoint."""
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Several devices: Lightning's distributed sampler shards the data; exact mid-epoch resume (and length
-            # grouping) are single-device for now.
-            rank_zero_info("lit_align: several devices: data order by Lightning's DistributedSampler")
-            self._sampler = None
-            return DataLoader(
-                self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
-                num_workers=self.num_workers,
-            )  # fmt: skip
+        """Shuffled in an order fixed by ``seed`` and the epoch, sharded over the data-parallel ranks, and
+        resumable mid-epoch from a checkpoint (see :class:`ResumableSampler`)."""
         lengths = [self.example_length(e) for e in self.train_dataset] if self.group_by_length else None
-        self._sampler = ResumableSampler(len(self.train_dataset), self.batch_size, self.seed, lengths=lengths)
+        self._sampler = ResumableSampler(
+            len(self.train_dataset), self.batch_size, self.seed, lengths=lengths, **self.shard_kwargs()
+        )
         return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
@@ -200,17 +220,37 @@ class RecordsDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def shard_kwargs(self) -> dict[str, int]:
+        """``num_replicas`` and ``rank`` of this process among the data-parallel ranks (1 and 0 without a
+        Trainer or on one device)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return {"num_replicas": 1, "rank": 0}
+        kwargs = self.trainer.distributed_sampler_kwargs or {}
+        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and getattr(self, "_sampler", None) is not None:
             self._sampler.consumed()
         return batch
 
     def val_dataloader(self) -> DataLoader:
+        """In order. With several data-parallel ranks (which Lightning shards with its ``DistributedSampler``), the
+        held-out set is padded to a multiple of the rank count with :meth:`neutral_example` copies, which every
+        metric ignores: no rank waits on another at the end, and the padding does not skew the metrics."""
+        dataset = list(self.val_dataset or [])
+        replicas = self.shard_kwargs()["num_replicas"]
+        if replicas > 1 and dataset:
+            dataset += [self.neutral_example(dataset[i]) for i in range(-len(dataset) % replicas)]
         return DataLoader(
-            self.val_dataset or [],
+            dataset,
             batch_size=self.batch_size,
             shuffle=False,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),  # no draw from the training RNG (see above)
         )
+
+    def neutral_example(self, example: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``example`` that pads a batch without counting in any metric (no labelled token, no pair, a
+        prompt flagged as padding). Override for a new kind of example."""
+        raise NotImplementedError

@@ -126,6 +126,9 @@ class InstructionDataModule(RecordsDataModule):
         self.collator = SFTCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.encoder = SegmentEncoder(self.tokenizer, max_length)
 
+    def neutral_example(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {"input_ids": example["input_ids"], "labels": [IGNORE_INDEX] * len(example["labels"])}
+
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, list[int]]]:
         """The tokenized examples of one row (a Self-Instruct row can hold several), counting what is dropped."""
         examples = []

@@ -230,6 +230,9 @@ class PreferenceDataModule(RecordsDataModule):
         return Comparison([Segment(prompt_text, False, "prompt")], responses, contents, [(0, 1)], chat=True)
 
     # ----- tokenizing -------------------------------------------------------------------------------------------
+    def neutral_example(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {**example, "pairs": []}
+
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
         example = self.encode(self.parse(record), counts, record.where)
         if example is None:

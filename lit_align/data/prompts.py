@@ -38,8 +38,10 @@ def _template_fields(template: str) -> list[str]:
 class PromptCollator:
     """Left-pads prompts for generation: ``input_ids``, ``attention_mask``, ``position_ids`` (counting real tokens
     only, so padding never shifts positions) ``[B, P]``, ``prompt_text`` (a list of the prompts as text, for
-    reward functions that read text) and, when the examples carry one, ``references`` (a list of reference answers
-    for reward functions that check them).
+    reward functions that read text), ``keys`` ``[B]`` (each prompt's index in its split, which keyed sampling
+    hashes), when the examples carry one, ``references`` (a list of reference answers for reward functions that
+    check them), and when any example is padding (see
+    :meth:`~lit_align.data.base.RecordsDataModule.neutral_example`), ``is_padding`` ``[B]`` (metrics skip those).
 
     Args:
         pad_token_id: id written at pad positions.
@@ -58,6 +60,10 @@ class PromptCollator:
         }
         if examples and all("reference" in e for e in examples):
             batch["references"] = [e["reference"] for e in examples]
+        if examples and all("key" in e for e in examples):
+            batch["keys"] = torch.tensor([e["key"] for e in examples], dtype=torch.long)
+        if any(e.get("padding") for e in examples):
+            batch["is_padding"] = torch.tensor([bool(e.get("padding")) for e in examples])
         return batch
 
 
@@ -158,6 +164,9 @@ class PromptDataModule(RecordsDataModule):
             return [check_text(row["prompt"], where, "prompt")]
         return [example.prompt() for example in self._instructions.record_examples(record, index)]
 
+    def neutral_example(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {**example, "padding": True}
+
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
         examples = []
         for text in self.prompt_texts(record, index):
@@ -180,6 +189,9 @@ class PromptDataModule(RecordsDataModule):
     # ----- pre-training mix ---------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
+        for split, examples in ((0, self.train_dataset), (1, self.val_dataset or [])):
+            for i, example in enumerate(examples):  # the prompt's key for keyed sampling: its index in its split
+                example["key"] = 2 * i + split
         if self.pretrain_data is not None and self.ptx_dataset is None:
             records = [
                 Record(r.where, {"prompt": "", "completion": r.row["text"]})
@@ -197,11 +209,9 @@ class PromptDataModule(RecordsDataModule):
         prompts = super().train_dataloader()
         if self.ptx_dataset is None:
             return prompts
-        if self._sampler is None:  # several devices (see RecordsDataModule.train_dataloader)
-            ptx = DataLoader(self.ptx_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self.ptx_collator,
-                             num_workers=self.num_workers)  # fmt: skip
-            return {"prompts": prompts, "ptx": ptx}
-        self._ptx_sampler = ResumableSampler(len(self.ptx_dataset), self.batch_size, self.seed + 1)
+        self._ptx_sampler = ResumableSampler(
+            len(self.ptx_dataset), self.batch_size, self.seed + 1, **self.shard_kwargs()
+        )
         ptx = ResumableDataLoader(
             self.ptx_dataset,
             batch_size=self.batch_size,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import math
+import os
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -35,6 +35,7 @@ from lit_align.models import (
     resolve_dtype,
 )
 from lit_align.optim import WarmupCosineLR, default_optimizer
+from lit_align.parallel import full_state_dict, model_forward
 
 
 @dataclass
@@ -177,6 +178,7 @@ def score_head(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(lm).__name__} has no scalar head (score or classifier) to read rewards or values from")
 
 
+@model_forward
 def labelled_nll(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``(loss, n_correct, n_tokens)``: the mean negative log-likelihood of a batch's labelled tokens (``labels``
     with ``IGNORE_INDEX`` elsewhere, the same value as :func:`~lit_align.losses.sft_loss`), with the unembedding run
@@ -192,6 +194,7 @@ def labelled_nll(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[t
     return loss, correct.sum(), n_tokens
 
 
+@model_forward
 def response_logps(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[N]`` summed fp32 log-probability ``log pi(y|x)`` of each response in a
     :class:`~lit_align.data.PreferenceCollator` batch. The unembedding runs only at the positions that predict
@@ -361,9 +364,53 @@ class AlignModule(L.LightningModule):
 
     # ----- the policy -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Create the policy (called by the Trainer, inside the strategy's initialisation context)."""
+        """Create the policy and the method's other models (:meth:`configure_roles`), then, when the strategy gives a
+        device mesh (``FSDP2Strategy``, Lightning's ``ModelParallelStrategy``), shard them with FSDP2: the trainable
+        ones always, the frozen ones unless the strategy replicates them. Called by the Trainer, inside the
+        strategy's initialisation context; once the models exist it does nothing more."""
         if self.model is None:
             self.model = self._prepare_model(self.build_model())
+        self.configure_roles()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            self._shard(mesh)
+
+    def configure_roles(self) -> None:
+        """Create the method's models besides the policy (reference, reward, value model) from the policy as built,
+        before anything is sharded. Override in a method; it must do nothing for a role that already exists."""
+
+    def sampling_context(self) -> Any:
+        """The context to sample from the policy in: with a sharded policy and the strategy's
+        ``gather_for_generation`` (the default), the whole policy all-gathered once for the rollout (no collective
+        while decoding); otherwise nothing."""
+        from lit_align.parallel import gathered
+        from lit_align.strategies import sharding_options
+
+        options = sharding_options(self.trainer.strategy if self._trainer is not None else None)
+        return gathered(self.model, enabled=options["gather_for_generation"])
+
+    #: names of trainable sub-modules besides the policy (PPO's value model), sharded like it
+    trainable_modules: tuple[str, ...] = ()
+
+    def _shard(self, mesh: Any) -> None:
+        from lit_align.parallel import is_sharded, shard
+        from lit_align.strategies import sharding_options
+
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "lit_align's modules shard data-parallel (FSDP2) and do not use tensor parallelism: use "
+                "lit_align.strategies.FSDP2Strategy, or ModelParallelStrategy with tensor_parallel_size=1 and "
+                "data_parallel_size equal to the number of devices"
+            )
+        mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        options = sharding_options(self.trainer.strategy if self._trainer is not None else None)
+        for name in ("model", *self.trainable_modules, *self.frozen_modules):
+            module = getattr(self, name, None)
+            if module is None or (name in self.frozen_modules and options["replicate_frozen"]):
+                continue
+            inner = unwrap_model(module)
+            if not is_sharded(inner):
+                shard(inner, mesh, options["reshard_after_forward"], frozen=name in self.frozen_modules)
 
     def build_model(self) -> nn.Module:
         """Load the network named by ``model`` (a causal LM here; the reward model overrides this)."""
@@ -460,6 +507,48 @@ class AlignModule(L.LightningModule):
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._current_batch = (batch_idx, batch)
+
+    # ----- the global batch under data parallelism ------------------------------------------------------------------
+    def rank_share(self, count: torch.Tensor) -> torch.Tensor:
+        """``count`` (tokens, sequences) summed over the data-parallel ranks and divided by their number. A rank's
+        sum divided by it is a loss whose average over the ranks, which is what data parallelism's gradient
+        averaging takes, is the mean over the global batch: N ranks with batch B train as one device with N x B."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return count.float()
+        return self.trainer.strategy.reduce(count.float(), reduce_op="sum") / world
+
+    def global_moments(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, variance)`` of ``values`` where ``mask`` is true, over every data-parallel rank's batch."""
+        mask = mask.to(values.dtype)
+        n = self.rank_share(mask.sum())
+        mean = self.rank_share((values * mask).sum()) / n.clamp(min=1)
+        var = self.rank_share((((values - mean) ** 2) * mask).sum()) / n.clamp(min=1)
+        return mean, var
+
+    def completion_seeds(self, prompts: Mapping[str, Any], num_samples: int) -> torch.Tensor:
+        """One seed per completion to sample for the batch ``prompts`` (see
+        :func:`~lit_align.generation.completion_seeds`): from ``sampling_seed`` (by default the run's
+        ``seed_everything`` seed), the phase (training: the epoch and batch; validation: the step and batch) and each
+        prompt's key, so that a completion is the same on any number of ranks and in a resumed run."""
+        from lit_align.generation import completion_seeds
+
+        seed = getattr(self, "sampling_seed", None)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        keys = prompts.get("keys")
+        keys = range(len(prompts["input_ids"])) if keys is None else keys.tolist()
+        batch_idx = self._current_batch[0] if self._current_batch is not None else 0
+        if self._trainer is None:  # called directly: a new stream every call
+            self._direct_calls = getattr(self, "_direct_calls", 0) + 1
+            stream: tuple[Any, ...] = ("direct", self._direct_calls)
+        elif self.trainer.training:
+            stream = ("train", self.current_epoch, batch_idx)
+        else:
+            stream = ("eval", self.global_step, batch_idx)
+        return completion_seeds(seed, *stream, keys=keys, num_samples=num_samples).to(self.device)
+
     def on_before_backward(self, loss: torch.Tensor) -> None:
         self._last_loss = loss.detach()
 
@@ -513,12 +602,26 @@ class AlignModule(L.LightningModule):
             raise SafeCheckpointIO.explain(checkpoint_path, error) from error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_align"] = {"rng": _get_rng_states(), "nonfinite_steps": self.nonfinite_steps}
+        # Every rank's RNG streams (every rank builds the checkpoint; one writes it), so that each continues its own.
+        states = _get_rng_states()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            per_rank: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(per_rank, states)
+        else:
+            per_rank = [states]
+        checkpoint["lit_align"] = {"rng_per_rank": per_rank, "nonfinite_steps": self.nonfinite_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extras = checkpoint.get("lit_align", {})
         self.nonfinite_steps = extras.get("nonfinite_steps", 0)
-        self._rng_to_restore = extras.get("rng")
+        per_rank = extras.get("rng_per_rank") or ([extras["rng"]] if "rng" in extras else [])
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if per_rank and len(per_rank) != world:
+            rank_zero_warn(
+                f"the checkpoint holds the RNG streams of {len(per_rank)} rank(s), this run has {world}: sampling and "
+                "dropout continue from other streams (the run is not an exact continuation)"
+            )
+        self._rng_to_restore = per_rank[rank % len(per_rank)] if per_rank else None
 
     # ----- export -----------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
@@ -536,30 +639,67 @@ class AlignModule(L.LightningModule):
     def save_hf(self, name: str, path: str | Path, merge_lora: bool = True) -> Path:
         """Write the sub-module ``name`` (``"model"``, or a method's own such as PPO's ``"value_model"``) to the
         directory ``path``: a transformers model through ``save_pretrained``, with the tokenizer; any other module as
-        its state dict in ``model.safetensors``; then the directory's checksum manifest. Gathered under sharded
-        strategies; rank 0 writes."""
+        its state dict in ``model.safetensors``; then the directory's checksum manifest. The full weights are
+        gathered from a sharded model parameter by parameter (every rank takes part), LoRA adapters merged into them
+        (no copy of the model is made); rank 0 writes."""
         path = Path(path)
         model = getattr(self, name)
-        state_dict = None
-        if hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload() if merge_lora else model
-        elif self._trainer is not None:
-            prefix = f"{name}."
-            full = self.trainer.strategy.lightning_module_state_dict()
-            state_dict = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
-        if self._trainer is None or self.trainer.is_global_zero:
-            if hasattr(model, "save_pretrained"):
-                with eos_not_pad_in_config(unwrap_model(model), self.tokenizer):
-                    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-                self.tokenizer.save_pretrained(path)
-            else:
-                path.mkdir(parents=True, exist_ok=True)
-                tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-                save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        inner = unwrap_model(model)
+        state_dict = full_state_dict(inner)  # on rank 0 (every rank for an unsharded model)
+        writer = self._trainer is None or self.trainer.is_global_zero
+        if writer and hasattr(model, "peft_config"):
+            state_dict = lora_state_dict(model, state_dict, merge=merge_lora)
+        if writer and hasattr(model, "peft_config") and not merge_lora:
+            model.peft_config["default"].save_pretrained(path)
+            save_file(state_dict, path / "adapter_model.safetensors", metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(path)
+            write_checksums(path)
+        elif writer and hasattr(inner, "save_pretrained"):
+            with eos_not_pad_in_config(inner, self.tokenizer):
+                inner.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+            write_checksums(path)
+        elif writer:
+            path.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+            save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
             write_checksums(path)
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path
+
+
+def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], merge: bool) -> dict[str, torch.Tensor]:
+    """From the full state dict of a PEFT model's inner transformers model (LoRA layers in place): with ``merge``,
+    the plain model's state dict with every adapter folded in, ``W + scaling * B @ A`` (transposed for
+    ``fan_in_fan_out`` layers), as ``merge_and_unload`` computes it but without copying the model; else the adapter
+    alone, keyed as PEFT saves it."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    inner = unwrap_model(model)
+    if not merge:
+        prefixed = {f"base_model.model.{k}": v for k, v in state_dict.items()}
+        return {k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=prefixed).items()}
+    merged = dict(state_dict)
+    for name, layer in inner.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        base = merged.pop(f"{name}.base_layer.weight")
+        for adapter in layer.active_adapters:
+            if layer.use_dora.get(adapter):
+                raise NotImplementedError("merging DoRA adapters into an export is not supported; use merge_lora=False")
+            a = merged.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = merged.pop(f"{name}.lora_B.{adapter}.weight").float()
+            delta = (b @ a) * layer.scaling[adapter]
+            base = base + (delta.T if layer.fan_in_fan_out else delta).to(base.dtype)
+        merged[f"{name}.weight"] = base
+        if f"{name}.base_layer.bias" in merged:
+            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
+    leftover = [k for k in merged if ".lora_" in k]
+    if leftover:
+        raise ValueError(f"cannot merge LoRA weights {leftover[:3]}: not on a LoRA layer")
+    return merged
 
 
 VALIDATION_SEED = 0x5EED  # validation's own random stream starts here (plus the global step)

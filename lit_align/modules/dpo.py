@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from lit_align.checkpoint import archive_problem
 from lit_align.losses import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, dpo_loss, grouped_mean
 from lit_align.models import load_causal_lm
 from lit_align.modules.base import AlignModule, eval_mode, response_logps, zero_dropout
+from lit_align.parallel import full_tensor
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,11 @@ def default_cache_dir() -> Path:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer of ``model`` (names, dtypes, shapes and values)."""
+    """A hash of every parameter and buffer of ``model`` (names, dtypes, shapes and values), the same whether the
+    model is whole or sharded (each sharded tensor is gathered in turn: every rank must call it)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = full_tensor(tensor).detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -151,8 +154,7 @@ class DPOModule(AlignModule):
         self._policy_changed = False
 
     # ----- the reference -----------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
+    def configure_roles(self) -> None:
         if self.disable_dropout:
             zero_dropout(self.model)
         if self.reference == "copy" and self.ref_model is None:
@@ -219,12 +221,14 @@ class DPOModule(AlignModule):
                 digest_size=16,
             ).hexdigest()
             path = self.ref_cache_dir / f"{key}.pt"
-            if path.exists():
+            # Decided by all ranks together: nodes that do not share the cache directory compute it together
+            # (the computation is a collective), and each node's first rank writes its own copy.
+            if self.trainer.strategy.reduce_boolean_decision(path.exists(), all=True):
                 values = _load_cache(path, len(examples))
                 rank_zero_info(f"lit_align: reference log-probs for {split} ({len(examples)} examples) from {path}")
             else:
                 values = self._compute_reference_logps(reference, examples, datamodule)
-                if self.trainer.is_global_zero:
+                if self.trainer.local_rank == 0 and not path.exists():
                     _save_cache(path, values)
                 rank_zero_info(f"lit_align: reference log-probs for {split} computed and cached at {path}")
             for example, logps in zip(examples, values):
@@ -248,15 +252,17 @@ class DPOModule(AlignModule):
         batch_size = self.ref_batch_size or datamodule.batch_size
         mine = list(range(rank, len(examples), world))
         results: dict[int, torch.Tensor] = {}
+        # as many forward passes on every rank (a sharded reference all-gathers in each): the last may be a repeat
+        passes = math.ceil(math.ceil(len(examples) / world) / batch_size)
         with eval_mode(reference):
-            for start in range(0, len(mine), batch_size):
-                indices = mine[start : start + batch_size]
+            for start in range(0, passes * batch_size, batch_size):
+                indices = mine[start : start + batch_size] or [0]  # [0]: a repeat, its values are not kept
                 batch = datamodule.collator([_without_ref(examples[i]) for i in indices])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.trainer.precision_plugin.forward_context():
                     logps = response_logps(reference, batch).float().cpu()
                 sizes = [len(examples[i]["response_ids"]) for i in indices]
-                for i, values in zip(indices, logps.split(sizes)):
+                for i, values in zip(mine[start : start + batch_size], logps.split(sizes)):
                     results[i] = values
         if world > 1:
             gathered: list[Any] = [None] * world

@@ -27,6 +27,7 @@ from lit_align.modules.base import (
     zero_dropout,
 )
 from lit_align.modules.reward import load_frozen_reward_model, response_rewards
+from lit_align.parallel import fsdp_root, run_forward
 from lit_align.rewards import RewardFunction, score_text
 
 
@@ -90,6 +91,9 @@ class GRPOModule(AlignModule):
             mask, sdpa or eager); false scores one row per completion.
         generator: the sampling engine (default :class:`~lit_align.generation.HFGenerator`, Hugging Face
             ``generate`` with each prompt prefilled once for its group).
+        sampling_seed: the seed completions are sampled from, each completion from its own seed hashed from this,
+            the batch and its prompt (so sampling is the same on any number of devices and in a resumed run);
+            ``None``: the run's ``seed_everything`` seed.
         disable_dropout: set every dropout in the policy to 0, so that the ratio is exactly 1 before an update.
         *args, **kwargs: :class:`~lit_align.modules.base.AlignModule`'s arguments.
     """
@@ -118,6 +122,7 @@ class GRPOModule(AlignModule):
         max_grad_norm: float | None = 1.0,
         share_prompt: bool = True,
         generator: Generator | None = None,
+        sampling_seed: int | None = None,
         disable_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -159,6 +164,7 @@ class GRPOModule(AlignModule):
         self.mask_truncated_completions = mask_truncated_completions
         self.disable_dropout = disable_dropout
         self.generator = generator or HFGenerator()
+        self.sampling_seed = sampling_seed
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, share_prompt=share_prompt)
         self.ref_model: nn.Module | None = None
         self.reward_model: nn.Module | None = None
@@ -173,8 +179,7 @@ class GRPOModule(AlignModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "response_length")})
 
     # ----- the roles --------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
+    def configure_roles(self) -> None:
         if self.disable_dropout:
             zero_dropout(self.model)
         if self.kl_coef != 0 and self.ref_model is None and self.lora is None:
@@ -206,11 +211,15 @@ class GRPOModule(AlignModule):
     ) -> tuple[torch.Tensor, ...]:
         """``[n, width]`` log-probs of the completion tokens of ``batch`` under ``model`` at the sampling temperature
         (zero past each completion's end), with ``[M]`` per-token entropies when ``entropy``."""
-        hidden = backbone_hidden_states(model, batch)
-        out = unembedding_logps(
-            model, hidden[batch["target_row"], batch["target_col"]], batch["target_id"],
-            temperature=self.temperature, return_entropy=entropy,
-        )  # fmt: skip
+
+        def forward() -> Any:
+            hidden = backbone_hidden_states(model, batch)
+            return unembedding_logps(
+                model, hidden[batch["target_row"], batch["target_col"]], batch["target_id"],
+                temperature=self.temperature, return_entropy=entropy,
+            )  # fmt: skip
+
+        out = run_forward(fsdp_root(model), forward)
         flat = out[0] if entropy else out
         lengths = batch["response_lengths"]
         which = batch["target_response"]
@@ -222,11 +231,11 @@ class GRPOModule(AlignModule):
     def sample(self, prompts: Mapping[str, Any], n: int) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
         """``n`` completions per prompt: ``(examples, completion_mask [B n, R], completion_ids [B n, R])``."""
         tok = self.tokenizer
-        with eval_mode(self.model):
+        with eval_mode(self.model), self.sampling_context():
             completions = self.generator(
                 self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, num_samples=n,
+                pad_token_id=tok.pad_token_id, num_samples=n, seeds=self.completion_seeds(prompts, n),
             )  # fmt: skip
         mask = response_mask_from(completions, tok.eos_token_id)
         completions = completions.masked_fill(mask == 0, tok.pad_token_id)

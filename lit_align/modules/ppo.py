@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -37,6 +38,7 @@ from lit_align.modules.base import (
 )
 from lit_align.modules.reward import OFFSET_KEY, load_frozen_reward_model
 from lit_align.optim import WarmupCosineLR, default_optimizer
+from lit_align.parallel import fsdp_root, run_forward
 from lit_align.rewards import RewardFunction, score_text
 
 
@@ -150,12 +152,16 @@ class PPOModule(AlignModule):
             ``PromptDataModule``). 0 turns PPO-ptx off.
         max_grad_norm: gradient clipping for both optimizers (``None``: none).
         generator: the sampling engine (default Hugging Face ``generate``).
+        sampling_seed: the seed completions are sampled from, each completion from its own seed hashed from this,
+            the batch and its prompt (so sampling is the same on any number of devices and in a resumed run);
+            ``None``: the run's ``seed_everything`` seed.
         disable_dropout: set every dropout in the policy to 0, so that the probability ratio is exactly 1 before an
             update.
         *args, **kwargs: :class:`~lit_align.modules.base.AlignModule`'s arguments.
     """
 
     frozen_modules = ("ref_model", "reward_model")
+    trainable_modules = ("value_model",)
 
     def __init__(
         self,
@@ -185,6 +191,7 @@ class PPOModule(AlignModule):
         ptx_coef: float = 0.0,
         max_grad_norm: float | None = 1.0,
         generator: Generator | None = None,
+        sampling_seed: int | None = None,
         disable_dropout: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -227,6 +234,7 @@ class PPOModule(AlignModule):
         self.clip_eps, self.value_clip_eps, self.gamma, self.lam = clip_eps, value_clip_eps, gamma, lam
         self.ptx_coef, self.max_grad_norm, self.disable_dropout = ptx_coef, max_grad_norm, disable_dropout
         self.generator = generator or HFGenerator()
+        self.sampling_seed = sampling_seed
         self.ref_model: nn.Module | None = None
         self.reward_model: nn.Module | None = None
         self.value_model: nn.Module | None = None
@@ -239,8 +247,7 @@ class PPOModule(AlignModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "kl", "response_length")})
 
     # ----- the four roles ---------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
+    def configure_roles(self) -> None:
         if self.disable_dropout:
             zero_dropout(self.model)
         if self.ref_model is None:
@@ -262,10 +269,11 @@ class PPOModule(AlignModule):
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-            raise ValueError(
-                "PPO's policy and value steps each use only part of the parameters; with DDP use "
-                "strategy='ddp_find_unused_parameters_true'"
-            )
+            # Called before DDP wraps the module: PPO's policy and value steps each use only part of the parameters,
+            # which DDP's reducer must be told to expect.
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("lit_align: PPO under DDP: find_unused_parameters=True (policy and value steps each use "
+                           "part of the parameters)")  # fmt: skip
 
     def optimizer_steps_per_batch(self) -> int:
         prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
@@ -283,30 +291,38 @@ class PPOModule(AlignModule):
         """``([B, R] log-probs of the response tokens, [B, T, H] hidden states[, [M] entropies])`` under ``model`` at
         the sampling temperature (the distribution the tokens were drawn from); the unembedding runs only at the
         positions that predict response tokens."""
-        hidden = backbone_hidden_states(model, sequences)
-        rows, offsets, cols = self._response_positions(response_mask, prompt_length)
-        targets = sequences["input_ids"][rows, cols + 1]
-        out = unembedding_logps(
-            model, hidden[rows, cols], targets, temperature=self.temperature, return_entropy=entropy
-        )
-        values = out[0] if entropy else out
-        logps = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
-        logps = logps.index_put((rows, offsets), values)
-        return (logps, hidden, out[1]) if entropy else (logps, hidden)
+
+        def forward() -> tuple[torch.Tensor, ...]:
+            hidden = backbone_hidden_states(model, sequences)
+            rows, offsets, cols = self._response_positions(response_mask, prompt_length)
+            targets = sequences["input_ids"][rows, cols + 1]
+            out = unembedding_logps(
+                model, hidden[rows, cols], targets, temperature=self.temperature, return_entropy=entropy
+            )
+            values = out[0] if entropy else out
+            logps = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+            logps = logps.index_put((rows, offsets), values)
+            return (logps, hidden, out[1]) if entropy else (logps, hidden)
+
+        return run_forward(fsdp_root(model), forward)
 
     def token_values(
         self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
         policy_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """``[B, R]`` value estimates at the positions that predict each response token."""
-        rows, offsets, cols = self._response_positions(response_mask, prompt_length)
-        if isinstance(self.value_model, ValueHead):
-            hidden = policy_hidden.detach()
-        else:
-            hidden = backbone_hidden_states(self.value_model, sequences)
-        values = score_head(self.value_model)(hidden[rows, cols]).squeeze(-1).float()
-        out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
-        return out.index_put((rows, offsets), values)
+
+        def forward() -> torch.Tensor:
+            rows, offsets, cols = self._response_positions(response_mask, prompt_length)
+            if isinstance(unwrap_model(self.value_model), ValueHead):
+                hidden = policy_hidden.detach()
+            else:
+                hidden = backbone_hidden_states(self.value_model, sequences)
+            values = score_head(self.value_model)(hidden[rows, cols]).squeeze(-1).float()
+            out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+            return out.index_put((rows, offsets), values)
+
+        return run_forward(fsdp_root(self.value_model), forward)
 
     def score(self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
               prompts: Sequence[str], responses: Sequence[str],
@@ -314,10 +330,14 @@ class PPOModule(AlignModule):
         """``[B]`` scores: ``reward_fn`` on text, or the reward model at each response's last token."""
         if self.reward_fn is not None:
             return score_text(self.reward_fn, prompts, responses, references).to(self.device)
-        hidden = backbone_hidden_states(self.reward_model, sequences)
-        last = prompt_length - 1 + response_mask.sum(-1).clamp(min=1)
-        rows = torch.arange(len(last), device=last.device)
-        return score_head(self.reward_model)(hidden[rows, last]).squeeze(-1).float() - self.reward_offset
+
+        def forward() -> torch.Tensor:
+            hidden = backbone_hidden_states(self.reward_model, sequences)
+            last = prompt_length - 1 + response_mask.sum(-1).clamp(min=1)
+            rows = torch.arange(len(last), device=last.device)
+            return score_head(self.reward_model)(hidden[rows, last]).squeeze(-1).float()
+
+        return run_forward(fsdp_root(self.reward_model), forward) - self.reward_offset
 
     # ----- the rollout ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -328,11 +348,12 @@ class PPOModule(AlignModule):
         was_training = self.model.training
         self.model.eval()
         self.value_model.eval()  # no dropout in the old values either
-        responses = self.generator(
-            self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
+        with self.sampling_context():
+            responses = self.generator(
+                self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, seeds=self.completion_seeds(prompts, 1),
+            )  # fmt: skip
         response_mask = response_mask_from(responses, tok.eos_token_id)
         responses = responses.masked_fill(response_mask == 0, tok.pad_token_id)
         prompt_length = prompts["input_ids"].shape[1]
@@ -361,8 +382,9 @@ class PPOModule(AlignModule):
         has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
-        if self.normalize_scores and scores.numel() > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if self.normalize_scores:  # over every rank's scores (one device with the whole batch would)
+            mean, var = self.global_moments(scores, torch.ones_like(scores))
+            scores = (scores - mean) * torch.rsqrt(var + 1e-8)
         if self.reward_clip is not None:
             scores = scores.clamp(-self.reward_clip, self.reward_clip)
         kl = kl_penalty(logps, ref_logps, self.kl_estimator) * response_mask
@@ -371,7 +393,7 @@ class PPOModule(AlignModule):
         rewards[torch.arange(len(last), device=last.device), last] += scores
         advantages, returns = gae(rewards, values, response_mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = whiten(advantages, response_mask)
+            advantages = whiten(advantages, response_mask, moments=self.global_moments(advantages, response_mask))
         self.model.train(was_training)
         self.value_model.train(was_training)
         self._entropy = torch.cat(parts["ent"]).mean() if parts["ent"] else torch.zeros(())
@@ -418,9 +440,8 @@ class PPOModule(AlignModule):
                 seq = {k: v[idx] for k, v in rollout.sequences.items()}
                 mask = rollout.response_mask[idx]
                 values = self.token_values(seq, mask, rollout.prompt_length, hidden)
-                value_loss, _ = ppo_value_loss(
-                    values, rollout.values[idx], rollout.returns[idx], mask, self.value_clip_eps
-                )
+                value_loss, _ = ppo_value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
+                                               self.value_clip_eps, n_tokens=self.rank_share(mask.sum()))  # fmt: skip
                 self._optimizer_step(value_opt, value_loss)
                 for key, value in {**parts, "value_loss": value_loss}.items():
                     stats[key].append(float(value.detach()))
@@ -436,7 +457,7 @@ class PPOModule(AlignModule):
         mask = rollout.response_mask[idx]
         logps, hidden = self.token_logps(self.model, seq, mask, rollout.prompt_length)
         policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-            logps, rollout.logps[idx], rollout.advantages[idx], mask, self.clip_eps
+            logps, rollout.logps[idx], rollout.advantages[idx], mask, self.clip_eps, self.rank_share(mask.sum())
         )
         parts = {"policy_loss": policy_loss, "clip_fraction": clip_fraction, "approx_kl": approx_kl}
         loss = policy_loss

@@ -15,6 +15,7 @@ from lit_align.data.tokenize import SegmentEncoder
 from lit_align.losses import kwise_bradley_terry_loss
 from lit_align.models import load_reward_model, load_tokenizer
 from lit_align.modules.base import AlignModule, backbone_hidden_states, score_head
+from lit_align.parallel import model_forward
 
 OFFSET_KEY = "lit_align_reward_offset"
 
@@ -26,6 +27,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(-1)
 
 
+@model_forward
 def sequence_rewards(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -42,6 +44,7 @@ def sequence_rewards(
     return score_head(model)(last).squeeze(-1).float()
 
 
+@model_forward
 def response_rewards(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[N]`` fp32 raw rewards of the responses of a :class:`~lit_align.data.PreferenceCollator` batch: the scalar
     head on the hidden state of each response's last token (``response_row``, ``response_end``)."""

@@ -38,8 +38,13 @@ class SFTModule(AlignModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, correct, n_tokens = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        self.log("train/token_acc", correct / n_tokens.clamp(min=1), batch_size=batch_size)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # the mean over the global batch's labelled tokens, not the mean of the ranks' means
+            share = self.rank_share(n_tokens)
+            loss, correct, n_tokens = loss * n_tokens / share, self.rank_share(correct), share
+        # logged as the mean over ranks: the global batch's token-mean loss and accuracy
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=world > 1)
+        self.log("train/token_acc", correct / n_tokens.clamp(min=1), batch_size=batch_size, sync_dist=world > 1)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -1,0 +1,137 @@
+"""Trains each method a few steps on one process, or on two CPU processes (gloo) under DDP or FSDP2, with the same
+global batch, and records what the multi-rank tests compare: every step's loss (reduced over the ranks), the final
+full weights, which trainable parameters changed, whether the ranks ended with equal weights, and an export.
+
+``python -m torch.distributed.run --nproc_per_node 2 multirank_worker.py OUT STRATEGY METHOD [METHOD ...]`` with
+STRATEGY ``ddp`` or ``fsdp2``; ``python multirank_worker.py OUT single METHOD ...`` for the one-process reference.
+Writes ``OUT/<method>-<strategy>.pt`` (rank 0) and ``OUT/<method>-<strategy>-export/``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+
+from lit_align import (
+    DPOModule,
+    GRPOModule,
+    InstructionDataModule,
+    LoRA,
+    PPOModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    RewardModule,
+    SFTModule,
+)
+from lit_align.data.sources import read_records
+from lit_align.parallel import full_tensor
+from lit_align.rewards import CharacterFractionReward
+from lit_align.strategies import FSDP2Strategy
+
+GLOBAL_BATCH = 4
+STEPS = 3
+TIMEOUT = timedelta(seconds=90)  # a collective that waits longer fails: a hang is a failure
+
+
+def build(method: str, per_rank: int, out: Path, strategy_name: str):
+    hh = [r.row for r in read_records("bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz")[:24]]
+    if method == "sft":
+        module = SFTModule(lr=1e-2)
+        rows = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:24]]
+        data = InstructionDataModule(module.tokenizer, rows, val_fraction=0.0, max_length=192, batch_size=per_rank)
+    elif method == "reward":
+        module = RewardModule(lr=1e-2)
+        data = PreferenceDataModule(module.tokenizer, hh, val_fraction=0.0, max_length=96, batch_size=per_rank)
+    elif method.startswith("dpo"):
+        options = {
+            "dpo": {},
+            "dpo_precomputed": {"reference": "precomputed", "ref_cache_dir": str(out / f"cache-{strategy_name}")},
+            "dpo_lora": {"lora": LoRA(r=4, alpha=8, dropout=0.0)},
+        }[method]
+        module = DPOModule(lr=1e-2, **options)
+        data = PreferenceDataModule(module.tokenizer, hh, val_fraction=0.0, max_length=96, share_prompt=True,
+                                    batch_size=per_rank)  # fmt: skip
+    elif method == "ppo":
+        module = PPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), max_new_tokens=6, ppo_epochs=1,
+                           mini_batch_size=per_rank, value_model="policy_head")  # fmt: skip
+        data = PromptDataModule(module.tokenizer, hh, max_prompt_length=32, batch_size=per_rank)
+    elif method == "grpo":
+        module = GRPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), group_size=2, max_new_tokens=6)
+        data = PromptDataModule(module.tokenizer, hh, max_prompt_length=32, batch_size=per_rank)
+    else:
+        raise ValueError(method)
+    return module, data
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_weights(module) -> dict[str, torch.Tensor]:
+    """Every trainable model's whole weights (gathered from shards: every rank takes part and gets them)."""
+    return {f"{name}.{key}": full_tensor(value).detach().cpu().clone()
+            for name in ("model", *module.trainable_modules)
+            for key, value in getattr(module, name).state_dict().items()}  # fmt: skip
+
+
+class Record(L.Callback):
+    """The starting weights, and every step's loss reduced over the ranks (GRPO: the policy loss; PPO: the value
+    loss, its policy loss being 0 at a ratio of 1 with whitened advantages)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, module):
+        self.initial = full_weights(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        metric = "train/value_loss_step" if isinstance(module, PPOModule) else "train/policy_loss_step"
+        value = outputs["loss"] if outputs else trainer.callback_metrics[metric]
+        self.losses.append(float(trainer.strategy.reduce(value.detach().float(), reduce_op="mean")))
+
+
+def main() -> None:
+    out, strategy_name, methods = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for method in methods:
+        L.seed_everything(0, verbose=False)
+        module, data = build(method, GLOBAL_BATCH // world, out, strategy_name)
+        strategy = {"single": "auto", "ddp": DDPStrategy(timeout=TIMEOUT), "fsdp2": FSDP2Strategy(timeout=TIMEOUT)}
+        record = Record()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=world, strategy=strategy[strategy_name], max_steps=STEPS, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            num_sanity_val_steps=0, callbacks=[record],
+        )  # fmt: skip
+        trainer.fit(module, data)
+        weights = full_weights(module)
+        digest = hashlib.blake2b(b"".join(w.numpy().tobytes() for w in weights.values()), digest_size=8).hexdigest()
+        digests = [digest] * world
+        if world > 1:
+            dist.all_gather_object(digests, digest)
+        trainable = [f"{n}.{k}" for n in ("model", *module.trainable_modules)
+                     for k, p in getattr(module, n).named_parameters() if p.requires_grad]  # fmt: skip
+        changed = {k: not torch.equal(record.initial[k], weights[k]) for k in weights}
+        # how much of each model this rank holds (FSDP2: a shard; DDP: all of it)
+        held = {name: sum(_local(p).numel() for p in model.parameters()) / sum(p.numel() for p in model.parameters())
+                for name in ("model", *module.trainable_modules, *module.frozen_modules)
+                if isinstance(model := getattr(module, name, None), torch.nn.Module)}  # fmt: skip
+        module.export_hf(out / f"{method}-{strategy_name}-export")
+        if trainer.global_rank == 0:
+            torch.save({"losses": record.losses, "weights": weights, "digests": digests, "trainable": trainable,
+                        "changed": changed, "held": held}, out / f"{method}-{strategy_name}.pt")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

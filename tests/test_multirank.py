@@ -1,0 +1,83 @@
+"""Several ranks: every method trained on two CPU processes (gloo) under DDP and under FSDP2 equals the one-process
+run with the same global batch, and a run killed on every rank resumes exactly. Each launch has a timeout: a hang is
+a failure, not a wait."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+pytestmark = pytest.mark.multirank
+
+HERE = Path(__file__).parent
+METHODS = ["sft", "reward", "dpo", "dpo_precomputed", "dpo_lora", "ppo", "grpo"]
+STRATEGIES = ["ddp", "fsdp2"]
+LAUNCH_TIMEOUT = 400  # seconds for one launch of all methods
+
+
+def launch(script: str, *args: str, ranks: int, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``ranks`` CPU processes (torchrun) or one; on a timeout the whole process group is killed
+    and the test fails."""
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = [*(runner if ranks > 1 else [sys.executable]), str(HERE / script), *args]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script} {' '.join(args)} on {ranks} rank(s) hung for {timeout} s:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multirank")
+    for strategy, ranks in (("single", 1), *((s, 2) for s in STRATEGIES)):
+        result = launch("multirank_worker.py", str(out), strategy, *METHODS, ranks=ranks)
+        assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_train_as_one_with_the_same_global_batch(runs, method, strategy):
+    """Every step's loss (reduced over the ranks) equals the one-process run's (fp32, 1e-5); every trainable
+    parameter changed (the output head and, for PPO, the value head included); both ranks hold equal weights, under
+    FSDP2 each rank half of every model (policy, value head, reference, reward model); the export loads with
+    ``from_pretrained`` and holds the run's weights (LoRA: merged)."""
+    single = torch.load(runs / f"{method}-single.pt", weights_only=True)
+    run = torch.load(runs / f"{method}-{strategy}.pt", weights_only=True)
+    assert len(run["losses"]) == len(single["losses"]) >= 2
+    assert run["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert [k for k in run["trainable"] if not run["changed"][k]] == []
+    assert method == "dpo_lora" or any("lm_head" in k or "score" in k for k in run["trainable"])  # LoRA: adapters
+    assert len(set(run["digests"])) == 1  # both ranks
+    expected = 1.0 if strategy == "ddp" else 0.5  # FSDP2: each rank holds half of every model, frozen ones too
+    held = {name: share for name, share in run["held"].items() if name != "value_model"}  # [1, H]: one rank has it
+    assert all(share == pytest.approx(expected, abs=0.02) for share in held.values()), run["held"]
+    export = runs / f"{method}-{strategy}-export"
+    loader = AutoModelForSequenceClassification if method == "reward" else AutoModelForCausalLM
+    exported = loader.from_pretrained(export).state_dict()
+    weights = run["weights"]
+    for key, value in exported.items():
+        if method != "dpo_lora":
+            assert torch.equal(value, weights[f"model.{key}"]), key
+            continue
+        prefix = f"model.base_model.model.{key.removesuffix('.weight')}"
+        if f"{prefix}.base_layer.weight" in weights:  # merged: W + (alpha / r) B A
+            merged = weights[f"{prefix}.base_layer.weight"] + 2.0 * (
+                weights[f"{prefix}.lora_B.default.weight"] @ weights[f"{prefix}.lora_A.default.weight"]
+            )
+            assert torch.allclose(value, merged, atol=1e-6), key
+        else:
+            assert torch.equal(value, weights[f"model.base_model.model.{key}"]), key

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -120,10 +121,19 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 
 
 def _train(tmp_path: Path, name: str, method: str, kill_at: int = -1, resume: Path | None = None) -> int:
-    command = [sys.executable, str(WORKER), str(tmp_path / f"{name}.jsonl"), str(tmp_path / f"ckpt-{name}"),
-               str(kill_at), method, *([str(resume)] if resume else [])]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300).returncode
+    """Run the worker (on two ranks, through torchrun, for a ``method@strategy``); its return code."""
+    ranks = 2 if "@" in method else 1
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*(launcher if ranks > 1 else [sys.executable]), str(WORKER), str(tmp_path / f"{name}.jsonl"),
+               str(tmp_path / f"ckpt-{name}"), str(kill_at), method, *([str(resume)] if resume else [])]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    try:
+        return process.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang is a failure: kill every rank
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"{method} hung")
 
 
 def _records(path: Path) -> tuple[list[dict], dict]:
@@ -131,13 +141,21 @@ def _records(path: Path) -> tuple[list[dict], dict]:
     return [r for r in rows if "step" in r], next(r for r in rows if "final_weights" in r)
 
 
+def _rank_files(path: Path, method: str) -> list[Path]:
+    return [path, path.with_name(f"{path.name}.rank1")] if "@" in method else [path]
+
+
+RESUMED_METHODS = ("sft", "dpo", "ppo", "grpo", "sft+val", "grpo+val", "sft@fsdp2", "dpo@fsdp2", "grpo@fsdp2",
+                   "sft@ddp")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     runs = {}
-    for method in ("sft", "dpo", "ppo", "grpo", "sft+val", "grpo+val"):
+    for method in RESUMED_METHODS:
         assert _train(tmp, method, method) == 0
-        runs[method] = _records(tmp / f"{method}.jsonl")
+        runs[method] = [_records(path) for path in _rank_files(tmp / f"{method}.jsonl", method)]
     return runs
 
 
@@ -145,7 +163,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize(
     "method, kill_at",
     [("sft", 3), ("sft", 6), ("dpo", 4), ("ppo", 6), ("ppo", 12), ("grpo", 4), ("grpo", 11), ("sft+val", 3),
-     ("grpo+val", 4)],
+     ("grpo+val", 4), ("sft@fsdp2", 3), ("dpo@fsdp2", 3), ("grpo@fsdp2", 3), ("sft@ddp", 3)],
     ids=[
         "sft mid-epoch",
         "sft at the epoch boundary",
@@ -156,6 +174,10 @@ def uninterrupted(tmp_path_factory):
         "grpo at the epoch boundary",
         "sft mid-epoch after a validation (dropout)",
         "grpo mid-epoch after a validation (sampled)",
+        "sft on 2 ranks under FSDP2 (distributed checkpoints)",
+        "dpo on 2 ranks under FSDP2",
+        "grpo on 2 ranks under FSDP2",
+        "sft on 2 ranks under DDP (one checkpoint file)",
     ],
 )  # fmt: skip
 def test_killed_run_resumes_exactly(tmp_path, uninterrupted, reliability, method, kill_at):
@@ -165,20 +187,23 @@ def test_killed_run_resumes_exactly(tmp_path, uninterrupted, reliability, method
     compared at every step; GRPO samples groups). PPO counts two optimizer steps per rollout batch, GRPO two per
     batch of four prompts and one for the epoch's last batch of two (11 steps an epoch). The ``+val`` runs validate
     after every training batch, after its checkpoint: the killed run validated, the resumed one does not, and
-    neither the dropout masks nor GRPO's samples may notice."""
-    assert _train(tmp_path, "run", method, kill_at=kill_at) == -9  # killed, not a clean stop
-    steps = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
-    assert steps[-1]["step"] == kill_at
+    neither the dropout masks nor GRPO's samples may notice. The ``@`` runs train on two ranks (torchrun), every
+    rank killed at the same step: each rank's record, and the gathered final weights, must match."""
+    code = _train(tmp_path, "run", method, kill_at=kill_at)
+    assert code == -9 if "@" not in method else code != 0  # killed, not a clean stop (torchrun reports failure)
+    files = _rank_files(tmp_path / "run.jsonl", method)
+    for path in files:
+        assert json.loads(path.read_text().splitlines()[-1])["step"] == kill_at
     assert _train(tmp_path, "run", method, resume=tmp_path / "ckpt-run" / f"step={kill_at}.ckpt") == 0
-    resumed, final = _records(tmp_path / "run.jsonl")
-    expected, expected_final = uninterrupted[method]
-    seen = Counter(r["batch"] + str(r["epoch"]) for r in resumed)
-    wanted = Counter(r["batch"] + str(r["epoch"]) for r in expected)
     reliability["resumes"] += 1
-    reliability["batches_lost"] += sum((wanted - seen).values())
-    reliability["batches_duplicated"] += sum((seen - wanted).values())
-    assert resumed == expected
-    assert final == expected_final
+    for path, (expected, expected_final) in zip(files, uninterrupted[method], strict=True):
+        resumed, final = _records(path)
+        seen = Counter(r["batch"] + str(r["epoch"]) for r in resumed)
+        wanted = Counter(r["batch"] + str(r["epoch"]) for r in expected)
+        reliability["batches_lost"] += sum((wanted - seen).values())
+        reliability["batches_duplicated"] += sum((seen - wanted).values())
+        assert resumed == expected
+        assert final == expected_final
     reliability["faults"] += 1
     reliability["survived"] += 1
 

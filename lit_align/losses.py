@@ -225,6 +225,17 @@ def grouped_mean(values: torch.Tensor, group: torch.Tensor, n_groups: int | None
     return sums / counts.clamp(min=1)
 
 
+def mean_over_groups(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The mean over groups of each group's mean (``values [P]``, ``group [P]`` their group indices): every prompt
+    weighs the same however many pairs it has. Groups without a value do not count; no values at all give 0."""
+    if values.numel() == 0:
+        return values.sum()
+    counts = torch.zeros(int(group.max()) + 1, dtype=values.dtype, device=values.device).index_add_(
+        0, group, torch.ones_like(values)
+    )
+    return grouped_mean(values, group, len(counts))[counts > 0].mean()
+
+
 def kwise_bradley_terry_loss(
     rewards: torch.Tensor,
     better: torch.Tensor,
@@ -243,8 +254,7 @@ def kwise_bradley_terry_loss(
     Returns:
         the scalar loss.
     """
-    pair_losses = bradley_terry_loss(rewards[better], rewards[worse], margin)
-    return grouped_mean(pair_losses, group).mean()
+    return mean_over_groups(bradley_terry_loss(rewards[better], rewards[worse], margin), group)
 
 
 # ----- direct preference optimisation --------------------------------------------------------------------------------

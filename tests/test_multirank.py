@@ -50,6 +50,18 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("method", METHODS)
+def test_held_out_metrics_on_two_ranks_are_not_skewed_by_padding(runs, method, strategy):
+    """Five held-out examples on two ranks: three each, one of them padding that evens out the ranks. Every
+    validation metric equals the one-process run's (1e-5): the padding counts in none."""
+    single = torch.load(runs / f"{method}-single.pt", weights_only=True)["validation"]
+    run = torch.load(runs / f"{method}-{strategy}.pt", weights_only=True)["validation"]
+    assert set(run) == set(single) and len(single) >= 2
+    for key, value in single.items():
+        assert run[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_train_as_one_with_the_same_global_batch(runs, method, strategy):
     """Every step's loss (reduced over the ranks) equals the one-process run's (fp32, 1e-5); every trainable
     parameter changed (the output head and, for PPO, the value head included); both ranks hold equal weights, under

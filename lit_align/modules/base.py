@@ -239,6 +239,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def real_rows(batch: Mapping[str, Any], n: int, device: Any) -> torch.Tensor:
+    """``[n]`` booleans: the rows of a prompt batch that are real, not the padding that evens out the ranks'
+    held-out sets (:meth:`~lit_align.data.base.RecordsDataModule.neutral_example`)."""
+    if "is_padding" in batch:
+        return ~batch["is_padding"].to(device)
+    return torch.ones(n, dtype=torch.bool, device=device)
+
+
 def check_options(*checks: tuple[str, Any, bool, str]) -> None:
     """Raise a ``ValueError`` naming the first option whose check fails: each check is ``(name, value, holds,
     what it must be)``. Modules call it in ``__init__``, so a bad setting fails when the config is read, not at the
@@ -507,9 +515,6 @@ class AlignModule(L.LightningModule):
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
-    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._current_batch = (batch_idx, batch)
-
     # ----- the global batch under data parallelism ------------------------------------------------------------------
     def rank_share(self, count: torch.Tensor) -> torch.Tensor:
         """``count`` (tokens, sequences) summed over the data-parallel ranks and divided by their number. A rank's
@@ -531,22 +536,21 @@ class AlignModule(L.LightningModule):
     def completion_seeds(self, prompts: Mapping[str, Any], num_samples: int) -> torch.Tensor:
         """One seed per completion to sample for the batch ``prompts`` (see
         :func:`~lit_align.generation.completion_seeds`): from ``sampling_seed`` (by default the run's
-        ``seed_everything`` seed), the phase (training: the epoch and batch; validation: the step and batch) and each
-        prompt's key, so that a completion is the same on any number of ranks and in a resumed run."""
+        ``seed_everything`` seed), the phase (training: the epoch; validation: the step) and each prompt's key (its
+        index in its split), so that a completion is the same on any number of ranks and in a resumed run."""
         from lit_align.generation import completion_seeds
 
         seed = getattr(self, "sampling_seed", None)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         keys = prompts.get("keys")
         keys = range(len(prompts["input_ids"])) if keys is None else keys.tolist()
-        batch_idx = self._current_batch[0] if self._current_batch is not None else 0
         if self._trainer is None:  # called directly: a new stream every call
             self._direct_calls = getattr(self, "_direct_calls", 0) + 1
             stream: tuple[Any, ...] = ("direct", self._direct_calls)
-        elif self.trainer.training:
-            stream = ("train", self.current_epoch, batch_idx)
+        elif self.trainer.training:  # a prompt is seen once an epoch
+            stream = ("train", self.current_epoch)
         else:
-            stream = ("eval", self.global_step, batch_idx)
+            stream = ("eval", self.global_step)
         return completion_seeds(seed, *stream, keys=keys, num_samples=num_samples).to(self.device)
 
     def on_before_backward(self, loss: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.checkpoint import archive_problem
-from lit_align.losses import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, dpo_loss, grouped_mean
+from lit_align.losses import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, dpo_loss, mean_over_groups
 from lit_align.models import load_causal_lm
 from lit_align.modules.base import AlignModule, eval_mode, response_logps, zero_dropout
 from lit_align.parallel import full_tensor
@@ -149,6 +149,7 @@ class DPOModule(AlignModule):
         self.ref_model: nn.Module | None = None
         self.train_metrics = nn.ModuleDict({_key(name): MeanMetric() for name in METRICS})
         self.val_metrics = nn.ModuleDict({_key(name): MeanMetric() for name in METRICS})
+        self.val_loss = MeanMetric()
         # Whether the policy may differ from its source: after any weight load or optimizer step it can no longer
         # stand in for the reference when precomputing.
         self._policy_changed = False
@@ -291,7 +292,7 @@ class DPOModule(AlignModule):
             discopop_tau=self.discopop_tau,
             rpo_alpha=self.rpo_alpha,
         )
-        loss = grouped_mean(losses, batch["group"]).mean()
+        loss = mean_over_groups(losses, batch["group"])
         values = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
@@ -302,10 +303,14 @@ class DPOModule(AlignModule):
         }
         return loss, values
 
-    def _log_step(self, stage: str, loss: torch.Tensor, values: Mapping[str, torch.Tensor]) -> None:
+    def _log_step(self, stage: str, loss: torch.Tensor, values: Mapping[str, torch.Tensor], prompts: int) -> None:
         pairs = len(values["rewards/chosen"])
         training = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=pairs, sync_dist=not training)
+        if training:
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=pairs)
+        else:  # the mean over every held-out prompt, however the batches (and ranks) split them
+            self.val_loss.update(loss.detach(), weight=prompts)
+            self.log("val/loss", self.val_loss, prog_bar=True)
         for name, value in values.items():
             metric = (self.train_metrics if training else self.val_metrics)[_key(name)]
             if training:  # forward: the batch's value for the step, accumulated for the epoch
@@ -323,12 +328,12 @@ class DPOModule(AlignModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.compute_loss(batch)
-        self._log_step("train", loss, values)
+        self._log_step("train", loss, values, len(batch["group"].unique()))
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss, values = self.compute_loss(batch)
-        self._log_step("val", loss, values)
+        self._log_step("val", loss, values, len(batch["group"].unique()))
 
 
 def _key(name: str) -> str:

@@ -22,6 +22,7 @@ from lit_align.modules.base import (
     backbone_hidden_states,
     check_options,
     eval_mode,
+    real_rows,
     sampling_checks,
     unembedding_logps,
     zero_dropout,
@@ -374,6 +375,7 @@ class GRPOModule(AlignModule):
         per_fn = self.compute_rewards(batch["prompt_text"], texts, {} if self.reward_fns else self.collate(examples),
                                       batch.get("references"))  # fmt: skip
         rewards = (per_fn * self.reward_weights.to(per_fn.device)).sum(-1)
-        for name, value in (("reward_mean", rewards.mean()), ("response_length", mask.float().sum(-1).mean())):
-            self.val_metrics[name].update(value)
-            self.log(f"val/{name}", self.val_metrics[name], batch_size=mask.shape[0])
+        real = real_rows(batch, len(rewards), self.device)
+        for name, value in (("reward_mean", rewards), ("response_length", mask.float().sum(-1))):
+            self.val_metrics[name].update(value[real])  # per prompt: the mean over every held-out prompt
+            self.log(f"val/{name}", self.val_metrics[name])

@@ -30,6 +30,7 @@ from lit_align.modules.base import (
     backbone_hidden_states,
     check_options,
     labelled_nll,
+    real_rows,
     sampling_checks,
     score_head,
     unembedding_logps,
@@ -501,10 +502,11 @@ class PPOModule(AlignModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
         mask = rollout.response_mask.float()
-        for name, value in (("reward_mean", rollout.scores.mean()), ("kl", (rollout.kl * mask).sum(-1).mean()),
-                            ("response_length", mask.sum(-1).mean())):  # fmt: skip
-            self.val_metrics[name].update(value)
-            self.log(f"val/{name}", self.val_metrics[name], batch_size=mask.shape[0])
+        real = real_rows(batch, len(mask), self.device)
+        for name, value in (("reward_mean", rollout.scores), ("kl", (rollout.kl * mask).sum(-1)),
+                            ("response_length", mask.sum(-1))):  # fmt: skip
+            self.val_metrics[name].update(value[real])  # per prompt: the mean over every held-out prompt
+            self.log(f"val/{name}", self.val_metrics[name])
 
     # ----- export ----------------------------------------------------------------------------------------------------
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:

@@ -109,6 +109,7 @@ class RewardModule(AlignModule):
         self.register_buffer("reward_offset", torch.zeros((), dtype=torch.float32))
         self.val_accuracy, self.val_margin, self.val_reward_mean = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_reward_std = StdMetric()
+        self.val_loss = MeanMetric()
 
     def build_model(self) -> nn.Module:
         return load_reward_model(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
@@ -143,13 +144,15 @@ class RewardModule(AlignModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.step(batch)
         diff = out["diff"]
+        compared = torch.cat([batch["better"], batch["worse"]]).unique()  # responses of a pair (not padding)
         self.val_accuracy.update((diff > 0).float())
         self.val_margin.update(diff)
-        self.val_reward_mean.update(out["rewards"])
-        self.val_reward_std.update(out["rewards"])
-        self.log("val/loss", out["loss"], batch_size=len(diff), sync_dist=True)
+        self.val_reward_mean.update(out["rewards"][compared])
+        self.val_reward_std.update(out["rewards"][compared])
+        self.val_loss.update(out["loss"], weight=len(batch["group"].unique()))  # per prompt, however batched
         self.log_dict(
             {
+                "val/loss": self.val_loss,
                 "val/accuracy": self.val_accuracy,
                 "val/margin": self.val_margin,
                 "val/reward_mean": self.val_reward_mean,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 import zipfile
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
@@ -47,6 +50,34 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {path} {problem}; resume from an earlier checkpoint")
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint as one dictionary, from a file (checksums verified, ``weights_only``) or from a distributed
+    checkpoint directory (``FSDP2Strategy``'s default: each rank's shard; its SHA-256 manifest verified, the shards
+    consolidated into full tensors in CPU memory). For reading weights (``load_from_checkpoint``, exports); a
+    distributed checkpoint's optimizer states stay in their own layout."""
+    if not os.path.isdir(path):
+        verify_checkpoint(path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+            raise SafeCheckpointIO.explain(path, error) from error
+    from lit_align.checksums import ChecksumError, verify_checksums
+
+    try:
+        verify_checksums(path)
+    except ChecksumError as error:
+        raise CheckpointError(str(error)) from None
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:  # consolidated on disk, then read back as data
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        checkpoint = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+    meta = Path(path) / "meta.pt"  # what Lightning keeps beside the shards (hyper-parameters, loops, callbacks)
+    if meta.is_file():
+        checkpoint.update(read_checkpoint(meta))
+    return checkpoint
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with ``weights_only=True`` always (a checkpoint is data: anything that would have to
     run code to unpickle is refused), every record's checksum verified before loading, and errors that name the file.
@@ -59,6 +90,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is False:
             raise CheckpointError(f"{path}: lit_align loads checkpoints with weights_only=True only")
+        if os.path.isdir(path):
+            raise CheckpointError(
+                f"{path} is a distributed checkpoint (a directory of shards): resume it with FSDP2Strategy (or "
+                "Lightning's ModelParallelStrategy); Module.load_from_checkpoint reads its weights anywhere"
+            )
         verify_checkpoint(path)
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:

@@ -218,7 +218,12 @@ def run(args: list[str] | None = None, run: bool = True, allowed_imports: Sequen
 
 def main() -> None:
     """The ``lit-align`` console script."""
+    import torch.distributed as dist
+
     run()
+    if dist.is_available() and dist.is_initialized():  # leave together: a rank exiting first can abort the others
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

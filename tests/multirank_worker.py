@@ -141,3 +141,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # leave together: a rank exiting first can abort the others' teardown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

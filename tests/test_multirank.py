@@ -93,3 +93,34 @@ def test_two_ranks_train_as_one_with_the_same_global_batch(runs, method, strateg
             assert torch.allclose(value, merged, atol=1e-6), key
         else:
             assert torch.equal(value, weights[f"model.base_model.model.{key}"]), key
+
+
+def test_full_and_distributed_checkpoints_resume_load_and_export_alike(tmp_path):
+    """Two ranks under FSDP2 save the same state as a distributed checkpoint (a directory of shards, with its
+    checksum manifest) and as one full file. Resuming from either on two ranks gives the same next step and weights;
+    ``load_from_checkpoint`` reads either on one process into the run's weights, and the export from either loads
+    with ``from_pretrained``. A flipped byte in a shard is refused before anything is loaded."""
+    from lit_align import SFTModule
+    from lit_align.checkpoint import CheckpointError
+
+    assert launch("checkpoint_worker.py", "save", str(tmp_path), ranks=2).returncode == 0
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert (tmp_path / "dist.ckpt" / "lit_align_checksums.sha256").is_file() and (tmp_path / "full.ckpt").is_file()
+    resumed = {}
+    for tag in ("dist", "full"):
+        result = launch("checkpoint_worker.py", "resume", str(tmp_path), str(tmp_path / f"{tag}.ckpt"), tag, ranks=2)
+        assert result.returncode == 0, result.stdout[-3000:]
+        resumed[tag] = torch.load(tmp_path / f"resumed-{tag}.pt", weights_only=True)
+        module = SFTModule.load_from_checkpoint(tmp_path / f"{tag}.ckpt")
+        assert all(torch.equal(v, final[k]) for k, v in module.state_dict().items())
+        module.export_hf(tmp_path / f"export-{tag}")
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / f"export-{tag}").state_dict()
+        assert all(torch.equal(v, final[f"model.{k}"]) for k, v in exported.items())
+    assert len(resumed["dist"]["losses"]) == 1 and resumed["dist"]["losses"] == resumed["full"]["losses"]
+    assert all(torch.equal(v, resumed["full"]["weights"][k]) for k, v in resumed["dist"]["weights"].items())
+    shard = next((tmp_path / "dist.ckpt").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is corrupted"):
+        SFTModule.load_from_checkpoint(tmp_path / "dist.ckpt")

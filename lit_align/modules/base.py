@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -588,14 +589,21 @@ class AlignModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool = True, **kwargs: Any):
         """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` (a checkpoint is data, never code), the
-        file's checksums verified first, and an error that names the file when it is refused or damaged."""
+        file's checksums verified first, and an error that names the file when it is refused or damaged. A
+        distributed checkpoint (a directory of shards, as ``FSDP2Strategy`` writes) is consolidated first."""
         import pickle
 
-        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO, verify_checkpoint
+        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO, read_checkpoint, verify_checkpoint
 
         if not weights_only:
             raise CheckpointError(f"{checkpoint_path}: lit_align loads checkpoints with weights_only=True only")
-        verify_checkpoint(checkpoint_path)
+        if os.path.isdir(checkpoint_path):  # a distributed checkpoint: consolidated, then loaded as any other
+            buffer = io.BytesIO()
+            torch.save(read_checkpoint(checkpoint_path), buffer)
+            buffer.seek(0)
+            checkpoint_path = buffer
+        else:
+            verify_checkpoint(checkpoint_path)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
         except (pickle.UnpicklingError, EOFError) as error:
@@ -620,7 +628,7 @@ class AlignModule(L.LightningModule):
         self.nonfinite_steps = extras.get("nonfinite_steps", 0)
         per_rank = extras.get("rng_per_rank") or ([extras["rng"]] if "rng" in extras else [])
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        if per_rank and len(per_rank) != world:
+        if per_rank and len(per_rank) != world and self._trainer is not None:  # resuming on another rank count
             rank_zero_warn(
                 f"the checkpoint holds the RNG streams of {len(per_rank)} rank(s), this run has {world}: sampling and "
                 "dropout continue from other streams (the run is not an exact continuation)"

@@ -125,7 +125,8 @@ class HFGenerator(Generator):
                                   options.pop("top_k") or 0)  # fmt: skip
             options.update(do_sample=False, logits_processor=LogitsProcessorList([*options.get("logits_processor", []),
                                                                                   keyed]))  # fmt: skip
-        if needs_synced_steps(lm):  # sharded, gathered layer by layer: every rank runs every decoding step
+        if needs_synced_steps(lm):  # sharded, gathered layer by layer: every rank runs every decoding step (recent
+            # transformers turns this on for FSDP-managed models by itself; said here, not left to detection)
             options["synced_gpus"] = True
         if num_samples > 1:
             cache = (

@@ -31,6 +31,7 @@ from lit_align import (
     SFTModule,
 )
 from lit_align.data.sources import read_records
+from lit_align.generation import HFGenerator
 from lit_align.parallel import full_tensor
 from lit_align.rewards import CharacterFractionReward
 from lit_align.strategies import FSDP2Strategy
@@ -66,6 +67,10 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
         module = PPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), max_new_tokens=6, ppo_epochs=1,
                            mini_batch_size=per_rank, value_model="policy_head")  # fmt: skip
         data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
+    elif method.startswith("grpo_uneven"):  # rank 0 stops after one token, rank 1 samples eight
+        module = GRPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), group_size=2, max_new_tokens=8,
+                            generator=UnevenGenerator())  # fmt: skip
+        data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
     elif method == "grpo":
         module = GRPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), group_size=2, max_new_tokens=6)
         data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
@@ -85,6 +90,34 @@ def full_weights(module) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": full_tensor(value).detach().cpu().clone()
             for name in ("model", *module.trainable_modules)
             for key, value in getattr(module, name).state_dict().items()}  # fmt: skip
+
+
+class UnevenGenerator(HFGenerator):
+    """Rank 0's completions end after one token while rank 1's run on: the ranks decode different numbers of
+    steps, which must not leave one waiting in a collective the other never issues."""
+
+    def __call__(self, *args, max_new_tokens, **kwargs):
+        return super().__call__(*args, max_new_tokens=1 if dist.get_rank() == 0 else max_new_tokens, **kwargs)
+
+
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "all_reduce", "all_gather", "broadcast")  # fmt: skip
+
+
+def count_collectives() -> list[tuple[str, tuple[int, ...]]]:
+    """Record every collective this rank issues (its name and tensor shape), in order: two ranks that issue the
+    same sequence never wait on each other or pair mismatched operations."""
+    issued: list[tuple[str, tuple[int, ...]]] = []
+    for name in (n for n in COLLECTIVES if hasattr(dist, n)):
+        original = getattr(dist, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            issued.append((_name, tuple(tensor.shape) if tensor is not None else ()))
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, recorded)
+    return issued
 
 
 class Record(L.Callback):
@@ -112,13 +145,18 @@ def main() -> None:
         L.seed_everything(0, verbose=False)
         module, data = build(method, GLOBAL_BATCH // world, out, strategy_name)
         strategy = {"single": "auto", "ddp": DDPStrategy(timeout=TIMEOUT), "fsdp2": FSDP2Strategy(timeout=TIMEOUT)}
+        if method == "grpo_uneven_layerwise":  # every decoding step all-gathers each layer: ranks step together
+            strategy["fsdp2"] = FSDP2Strategy(timeout=TIMEOUT, gather_for_generation=False)
         record = Record()
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=strategy[strategy_name], max_steps=STEPS, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             check_val_every_n_epoch=1000, num_sanity_val_steps=0, callbacks=[record],
         )  # fmt: skip
+        issued = count_collectives() if method.startswith("grpo_uneven") else []
         trainer.fit(module, data)
+        if issued:
+            torch.save(issued, out / f"{method}-{strategy_name}-collectives-rank{trainer.global_rank}.pt")
         (validation,) = trainer.validate(module, data, verbose=False)
         weights = full_weights(module)
         digest = hashlib.blake2b(b"".join(w.numpy().tobytes() for w in weights.values()), digest_size=8).hexdigest()

@@ -39,13 +39,30 @@ def launch(script: str, *args: str, ranks: int, timeout: int = LAUNCH_TIMEOUT) -
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
+UNEVEN = ["grpo_uneven", "grpo_uneven_layerwise"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multirank")
     for strategy, ranks in (("single", 1), *((s, 2) for s in STRATEGIES)):
-        result = launch("multirank_worker.py", str(out), strategy, *METHODS, ranks=ranks)
+        methods = [*METHODS, *UNEVEN] if strategy == "fsdp2" else METHODS
+        result = launch("multirank_worker.py", str(out), strategy, *methods, ranks=ranks)
         assert result.returncode == 0, result.stdout[-4000:]
     return out
+
+
+@pytest.mark.parametrize("method", UNEVEN)
+def test_sampling_on_ranks_whose_completions_end_at_different_steps_never_desynchronises(runs, method):
+    """Under FSDP2, rank 0's completions end after one token while rank 1's run eight: with the policy gathered once
+    for the rollout no collective is issued while decoding, and gathered layer by layer every rank runs every
+    decoding step (``synced_gpus``). Either way training goes on (a desynchronised collective would hang until the
+    launch's timeout or pair mismatched operations): both ranks issue the same collectives in the same order, and
+    the weights stay equal on both ranks."""
+    run = torch.load(runs / f"{method}-fsdp2.pt", weights_only=True)
+    assert len(run["losses"]) == 3 and len(set(run["digests"])) == 1
+    issued = [torch.load(runs / f"{method}-fsdp2-collectives-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert issued[0] and issued[0] == issued[1]  # the same collectives, in the same order, with the same shapes
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

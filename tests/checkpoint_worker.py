@@ -4,7 +4,9 @@
 distributed checkpoint (``OUT/dist.ckpt/``, each rank's shard) and as one full file (``OUT/full.ckpt``); rank 0 writes
 the final full weights to ``OUT/final.pt``.
 ``torchrun --nproc_per_node 2 checkpoint_worker.py resume OUT CKPT TAG``: resume from CKPT for one more step; rank 0
-writes that step's loss and the final weights to ``OUT/resumed-TAG.pt``."""
+writes that step's loss and the final weights to ``OUT/resumed-TAG.pt``.
+``python checkpoint_worker.py spawn OUT``: two ranks started by Lightning's ``ddp_spawn``, exporting from rank 0; the
+main process then writes its module's weights, and whether they are the exported ones, to ``OUT/spawn.pt``."""
 
 from __future__ import annotations
 
@@ -29,8 +31,24 @@ class Losses(L.Callback):
         self.values.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
 
 
+def spawn(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    module = SFTModule(lr=1e-2, export_dir=str(out / "spawn-export"))
+    rows = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:16]]
+    data = InstructionDataModule(module.tokenizer, rows, val_fraction=0.0, max_length=128, batch_size=2)
+    L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, data)  # fmt: skip
+    exported = AutoModelForCausalLM.from_pretrained(out / "spawn-export").state_dict()
+    weights = module.model.state_dict() if module.model is not None else {}
+    same = bool(weights) and all(torch.equal(v, weights[k]) for k, v in exported.items())
+    torch.save({"usable": module.model is not None, "same_as_export": same}, out / "spawn.pt")
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "spawn":
+        return spawn(out)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module = SFTModule(lr=1e-2, residual_dropout=0.1)

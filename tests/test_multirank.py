@@ -141,3 +141,12 @@ def test_full_and_distributed_checkpoints_resume_load_and_export_alike(tmp_path)
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"{shard.name} is corrupted"):
         SFTModule.load_from_checkpoint(tmp_path / "dist.ckpt")
+
+
+def test_ddp_spawn_leaves_a_usable_trained_module(tmp_path):
+    """With ``ddp_spawn`` the ranks train in child processes and Lightning hands the weights back to the main
+    process, where ``configure_model`` never ran: the module there holds the trained policy (the weights rank 0
+    exported), not an empty one."""
+    assert launch("checkpoint_worker.py", "spawn", str(tmp_path), ranks=1).returncode == 0
+    result = torch.load(tmp_path / "spawn.pt", weights_only=True)
+    assert result == {"usable": True, "same_as_export": True}

@@ -363,6 +363,14 @@ class AlignModule(L.LightningModule):
     def on_weights_loaded(self) -> None:
         """Called whenever a state dict is loaded into the module (a checkpoint, a resume)."""
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        # The models are created in configure_model, by the Trainer. A state dict can arrive before that, in a
+        # process where it never ran: the main process after a ddp_spawn run, where Lightning hands back the
+        # trained weights. Create them (whole) first, so that the module is usable after fit.
+        if self.model is None and any(key.startswith("model.") for key in state_dict):
+            self.configure_model()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def train(self, mode: bool = True) -> AlignModule:
         super().train(mode)
         for name in self.frozen_modules:  # frozen helpers stay in eval mode: no dropout in a reference, ever

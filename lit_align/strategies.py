@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from lit_align.checkpoint import CheckpointError, verify_checkpoint
 from lit_align.checksums import ChecksumError, verify_checksums, write_checksums
@@ -42,6 +43,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             parallelism: ``tensor_parallel_size`` must be 1.
         process_group_backend, timeout: as Lightning's (a collective that waits longer than ``timeout`` fails
             instead of hanging).
+
+    With fp16 and loss scaling (``precision="16-mixed"``), the gradient scaler's overflow check is all-reduced over
+    the ranks (torch's ``ShardedGradScaler``): a rank sees only its shards, and all must skip the same steps.
     """
 
     def __init__(
@@ -67,6 +71,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.replicate_frozen = replicate_frozen
         self.reshard_after_forward = reshard_after_forward
         self.gather_for_generation = gather_for_generation
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None and not isinstance(scaler, ShardedGradScaler):
+            # fp16 with loss scaling: each rank checks only its own gradient shards for overflow, so the verdict
+            # must be all-reduced, or one rank would skip a step that another takes.
+            self.precision_plugin.scaler = ShardedGradScaler(
+                device=self.root_device.type, init_scale=scaler.get_scale(), growth_factor=scaler.get_growth_factor(),
+                backoff_factor=scaler.get_backoff_factor(), growth_interval=scaler.get_growth_interval(),
+            )  # fmt: skip
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":  # Lightning's "auto" is the number of nodes (tensor parallel within)

@@ -46,7 +46,7 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
     them padding)."""
     hh_all = [r.row for r in read_records("bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz")[:29]]
     hh, hh_val = hh_all[:24], hh_all[24:]
-    if method == "sft":
+    if method in ("sft", "sft_fp16"):
         module = SFTModule(lr=1e-2)
         rows = [r.row for r in read_records("bundled:self_instruct_seed_tasks.jsonl")[:29]]
         data = InstructionDataModule(module.tokenizer, rows[:24], val_data=rows[24:], max_length=192,
@@ -148,13 +148,19 @@ def main() -> None:
         if method == "grpo_uneven_layerwise":  # every decoding step all-gathers each layer: ranks step together
             strategy["fsdp2"] = FSDP2Strategy(timeout=TIMEOUT, gather_for_generation=False)
         record = Record()
+        precision = {}
+        if method == "sft_fp16":  # fp16 autocast on the CPU with loss scaling (Lightning would turn 16-mixed into bf16)
+            from lightning.pytorch.plugins.precision import MixedPrecision
+
+            precision = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=strategy[strategy_name], max_steps=STEPS, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            check_val_every_n_epoch=1000, num_sanity_val_steps=0, callbacks=[record],
+            check_val_every_n_epoch=1000, num_sanity_val_steps=0, callbacks=[record], **precision,
         )  # fmt: skip
         issued = count_collectives() if method.startswith("grpo_uneven") else []
         trainer.fit(module, data)
+        scaler = type(getattr(trainer.precision_plugin, "scaler", None)).__name__
         if issued:
             torch.save(issued, out / f"{method}-{strategy_name}-collectives-rank{trainer.global_rank}.pt")
         (validation,) = trainer.validate(module, data, verbose=False)
@@ -173,7 +179,7 @@ def main() -> None:
         module.export_hf(out / f"{method}-{strategy_name}-export")
         if trainer.global_rank == 0:
             torch.save({"losses": record.losses, "weights": weights, "digests": digests, "trainable": trainable,
-                        "changed": changed, "held": held, "validation": validation},
+                        "changed": changed, "held": held, "validation": validation, "scaler": scaler},
                        out / f"{method}-{strategy_name}.pt")  # fmt: skip
 
 

@@ -37,6 +37,26 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.datamodule.tokenizer is cli.model.tokenizer  # linked: set once, on the model
 
 
+STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_strategy_config_combines_with_every_method_config(config, strategy, tmp_path, capsys):
+    """``-c configs/<method>.yaml -c configs/strategies/<strategy>.yaml``: the CPU ones instantiate here (on a CPU
+    they run with ``--trainer.accelerator cpu``); the DeepSpeed ones need a GPU and are checked as parsed YAML."""
+    args = ["-c", str(config), "-c", str(strategy), f"--trainer.default_root_dir={tmp_path}"]
+    if "deepspeed" in strategy.stem:
+        with pytest.raises(SystemExit) as exit_info:
+            run(["fit", *args, "--print_config"])
+        assert exit_info.value.code == 0
+        assert yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"].startswith("deepspeed_stage_")
+        return
+    cli = run([*args, "--trainer.accelerator", "cpu"], run=False)
+    assert type(cli.trainer.strategy).__name__ in ("DDPStrategy", "FSDP2Strategy")
+    assert isinstance(cli.model, AlignModule)
+
+
 def test_print_config_is_complete_yaml(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--model.lr", "1e-4", "--print_config"])

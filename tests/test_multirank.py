@@ -40,16 +40,29 @@ def launch(script: str, *args: str, ranks: int, timeout: int = LAUNCH_TIMEOUT) -
 
 
 UNEVEN = ["grpo_uneven", "grpo_uneven_layerwise"]
+FP16 = "sft_fp16"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multirank")
     for strategy, ranks in (("single", 1), *((s, 2) for s in STRATEGIES)):
-        methods = [*METHODS, *UNEVEN] if strategy == "fsdp2" else METHODS
+        methods = [*METHODS, FP16, *(UNEVEN if strategy == "fsdp2" else [])]
         result = launch("multirank_worker.py", str(out), strategy, *methods, ranks=ranks)
         assert result.returncode == 0, result.stdout[-4000:]
     return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fp16_with_loss_scaling_on_two_ranks(runs, strategy):
+    """fp16 autocast with a gradient scaler (the explicit plugin: Lightning turns ``16-mixed`` into bf16 on a CPU) on
+    two ranks: losses within fp16's rounding of the one-process run's (1e-3), equal weights on both ranks, and under
+    FSDP2 the scaler whose overflow check is all-reduced over the ranks (each sees only its shards)."""
+    single = torch.load(runs / f"{FP16}-single.pt", weights_only=True)
+    run = torch.load(runs / f"{FP16}-{strategy}.pt", weights_only=True)
+    assert run["losses"] == pytest.approx(single["losses"], abs=1e-3)
+    assert len(set(run["digests"])) == 1
+    assert run["scaler"] == ("ShardedGradScaler" if strategy == "fsdp2" else "GradScaler")
 
 
 @pytest.mark.parametrize("method", UNEVEN)
@@ -150,3 +163,32 @@ def test_ddp_spawn_leaves_a_usable_trained_module(tmp_path):
     assert launch("checkpoint_worker.py", "spawn", str(tmp_path), ranks=1).returncode == 0
     result = torch.load(tmp_path / "spawn.pt", weights_only=True)
     assert result == {"usable": True, "same_as_export": True}
+
+
+def _readme_cpu_commands() -> list[str]:
+    readme = (HERE.parent / "README.md").read_text()
+    block = readme.split("## Several GPUs and nodes", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#") and "accelerator cpu" in line]
+
+
+@pytest.mark.parametrize("command", _readme_cpu_commands())
+def test_the_readmes_multi_device_commands_run_as_written(command, tmp_path):
+    """The README's commands for several devices, as written (in a scratch directory holding the configs): two CPU
+    processes, started by Lightning or by torchrun, train and export."""
+    import shutil
+
+    shutil.copytree(HERE.parent / "configs", tmp_path / "configs")
+    lit_align = shutil.which("lit-align")
+    assert lit_align is not None, "install the package (pip install -e .) to run the CLI"
+    argv = command.replace("$(which lit-align)", lit_align).split()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"{command} hung")
+    assert process.returncode == 0, output[-3000:]
+    method = command.split("configs/", 1)[1].split(".yaml", 1)[0]
+    assert (tmp_path / "runs" / method / "export" / "model.safetensors").is_file()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -122,26 +123,67 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> LlamaCo
     )
 
 
+@contextmanager
+def empty_weights() -> Iterator[None]:
+    """Within the block, every parameter a module registers is created on the ``meta`` device (no memory, no
+    initialisation); buffers stay real (rotary tables are computed, not stored). The skeleton a rank builds when
+    another rank will hand it the weights."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _load(
+    kind: str,
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    dtype: str | torch.dtype | None,
+    trust_remote_code: bool,
+    empty: bool,
+) -> nn.Module:
+    auto, preset, extra = {
+        "causal_lm": (AutoModelForCausalLM, LlamaForCausalLM, {}),
+        "reward": (AutoModelForSequenceClassification, LlamaForSequenceClassification, {"num_labels": 1}),
+    }[kind]
+    torch_dtype = resolve_dtype(dtype)
+    with empty_weights() if empty else nullcontext():
+        if name_or_path == TINY:
+            # Fixed weights make "tiny" a model like any other: a reference re-created on resume equals the original.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(TINY_SEED)
+                model = preset(tiny_config(tokenizer or load_tokenizer(TINY), **extra))
+            model = model.to(torch_dtype) if torch_dtype is not None else model
+        elif empty:  # the architecture only, in the dtype the weights will come in
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
+            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            model = auto.from_config(config, dtype=torch_dtype or stored, trust_remote_code=trust_remote_code)
+        else:
+            verify_checksums(name_or_path)
+            model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra)
+    return keep_rotary_fp32(model)
+
+
 def load_causal_lm(
     name_or_path: str = TINY,
     tokenizer: PreTrainedTokenizerBase | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    empty: bool = False,
 ) -> nn.Module:
     """A causal LM: ``"tiny"`` builds the embedded preset from its config (random weights, the same on every call,
     like a checkpoint's); anything else is loaded with ``AutoModelForCausalLM.from_pretrained`` (hub id or local
-    directory)."""
-    torch_dtype = resolve_dtype(dtype)
-    if name_or_path == TINY:
-        # Fixed weights make "tiny" a model like any other: a reference re-created on resume equals the original.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = LlamaForCausalLM(tiny_config(tokenizer or load_tokenizer(TINY)))
-        model = keep_rotary_fp32(model)
-        return model.to(torch_dtype) if torch_dtype is not None else model
-    verify_checksums(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    return keep_rotary_fp32(model)
+    directory). ``empty``: only the architecture, its parameters on the ``meta`` device (see :func:`empty_weights`),
+    for a rank that will receive the weights from rank 0 instead of reading them."""
+    return _load("causal_lm", name_or_path, tokenizer, dtype, trust_remote_code, empty)
 
 
 def load_reward_model(
@@ -149,22 +191,12 @@ def load_reward_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    empty: bool = False,
 ) -> nn.Module:
     """A transformer with its unembedding replaced by a projection to one scalar (InstructGPT's reward model).
 
     ``"tiny"`` builds the preset; anything else (a causal LM such as an SFT export, or a reward model) is loaded with
     ``AutoModelForSequenceClassification(num_labels=1)``: the LM head is dropped and a new scalar head is created
-    unless the checkpoint has one.
+    unless the checkpoint has one. ``empty`` as in :func:`load_causal_lm`.
     """
-    torch_dtype = resolve_dtype(dtype)
-    if name_or_path == TINY:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = LlamaForSequenceClassification(tiny_config(tokenizer or load_tokenizer(TINY), num_labels=1))
-        model = keep_rotary_fp32(model)
-        return model.to(torch_dtype) if torch_dtype is not None else model
-    verify_checksums(name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=1, dtype=torch_dtype, trust_remote_code=trust_remote_code
-    )
-    return keep_rotary_fp32(model)
+    return _load("reward", name_or_path, tokenizer, dtype, trust_remote_code, empty)

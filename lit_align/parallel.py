@@ -39,17 +39,27 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def shard(model: nn.Module, mesh: Any, reshard_after_forward: bool = True, frozen: bool = False) -> nn.Module:
     """Shard ``model`` with FSDP2 over ``mesh``: each transformer block is its own unit (all-gathered for its
-    forward and backward, freed after when ``reshard_after_forward``), then the root holds the rest (embeddings,
-    final norm, output or score head, a value head). Frozen models shard the same way; their parameters simply get
-    no gradients. ``model`` may be a transformers model or any module (a value head): without blocks it is one unit.
-    The root of a trainable model stays gathered from its forward to its backward (FSDP's default); a ``frozen``
-    model has no backward, so its root is freed after every forward too.
+    forward and backward, freed after when ``reshard_after_forward``), and so are untied input and output
+    embeddings; the root holds the rest (final norm, score or value head, tied embeddings). Frozen models shard the
+    same way; their parameters simply get no gradients. ``model`` may be a transformers model or any module (a value
+    head): without blocks it is one unit. The root of a trainable model stays gathered from its forward to its
+    backward (FSDP's default); a ``frozen`` model has no backward, so its root is freed after every forward too.
     Returns ``model`` (now an ``FSDPModule``), with :func:`run_forward` and ``generate`` registered as forwards."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        block._lit_align_reshard = reshard_after_forward
+    units = list(transformer_blocks(model))
+    # Untied input and output embeddings are units of their own (with a large vocabulary they are a good part of the
+    # model): gathered only around their own use, not for the whole forward and backward as the root's weights are.
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inputs is not None and outputs is not None and getattr(outputs, "weight", None) is not inputs.weight:
+        units += [inputs, outputs]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        unit._lit_align_reshard = reshard_after_forward
+    if outputs in units:  # the tiled unembedding reads its weight directly: a forward of its own (run_forward)
+        setattr(outputs, _CALL, types.MethodType(_call, outputs))
+        register_fsdp_forward_method(outputs, _CALL)
     setattr(model, _CALL, types.MethodType(_call, model))
     fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)  # None: FSDP's choice for a root
     model._lit_align_reshard = frozen
@@ -145,3 +155,24 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Give a model built with parameters on the ``meta`` device (see :func:`lit_align.models.empty_weights`) real,
+    uninitialised storage on ``device`` (its shards only, when sharded); its buffers keep their values."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return
+    buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+               if buffer is not None]  # fmt: skip
+    model.to_empty(device=device)
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer.to(device)
+
+
+def broadcast_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load rank 0's whole ``weights`` (the other ranks pass ``{}``) into ``model`` on every rank, each keeping its
+    shard of a sharded parameter: one rank reads a checkpoint, all get it. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)

@@ -36,7 +36,7 @@ from lit_align.models import (
     resolve_dtype,
 )
 from lit_align.optim import WarmupCosineLR, default_optimizer
-from lit_align.parallel import full_state_dict, model_forward
+from lit_align.parallel import full_state_dict, model_forward, run_forward
 
 
 @dataclass
@@ -148,13 +148,21 @@ def unembedding_logps(
     lm = unwrap_model(model)
     head = lm.get_output_embeddings()
     softcap, scale = _logit_transform(lm.config)
-    weight = getattr(head, "weight", None)
-    plain = isinstance(head, nn.Linear) and type(weight) is nn.Parameter and weight.dim() == 2 and weight.numel() > 0
-    if plain and softcap is None and scale == 1.0:
+
+    def tiled(hidden: torch.Tensor) -> Any:
+        weight = getattr(head, "weight", None)
+        if type(weight) is not nn.Parameter or weight.dim() != 2 or weight.numel() == 0:
+            return None  # a weight partitioned by its owner (ZeRO-3): only calling the module gathers it
         return linear_log_probs(
             hidden, weight, targets, head.bias, temperature=temperature, return_correct=return_correct,
             return_entropy=return_entropy,
         )  # fmt: skip
+
+    if isinstance(head, nn.Linear) and softcap is None and scale == 1.0:
+        # A head sharded as an FSDP unit of its own is gathered for this, and its gradient reduce-scattered.
+        out = run_forward(head, tiled, hidden)
+        if out is not None:
+            return out
     # Sharded (ZeRO-3, DTensor) or transformed heads: call the module, which gathers its own weights.
     logits = head(hidden) * scale
     if softcap is not None:
@@ -385,12 +393,22 @@ class AlignModule(L.LightningModule):
         device mesh (``FSDP2Strategy``, Lightning's ``ModelParallelStrategy``), shard them with FSDP2: the trainable
         ones always, the frozen ones unless the strategy replicates them. Called by the Trainer, inside the
         strategy's initialisation context; once the models exist it does nothing more."""
+        mesh = getattr(self, "_device_mesh", None)
+        # Under sharding only rank 0 reads the weights; the other ranks build the models' architecture (parameters
+        # on the meta device) and receive each weight's shard from rank 0 once the models are sharded: no rank
+        # but the first ever holds a whole model.
+        self.empty_init = (
+            mesh is not None and self.model is None and self.trainer.world_size > 1 and (self.trainer.global_rank != 0)
+        )
         if self.model is None:
             self.model = self._prepare_model(self.build_model())
         self.configure_roles()
-        mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
             self._shard(mesh)
+        self.empty_init = False
+
+    #: whether :meth:`build_model` (and the roles' loaders) must build the architecture only (see configure_model)
+    empty_init: bool = False
 
     def configure_roles(self) -> None:
         """Create the method's models besides the policy (reference, reward, value model) from the policy as built,
@@ -410,7 +428,7 @@ class AlignModule(L.LightningModule):
     trainable_modules: tuple[str, ...] = ()
 
     def _shard(self, mesh: Any) -> None:
-        from lit_align.parallel import is_sharded, shard
+        from lit_align.parallel import broadcast_weights, is_sharded, materialize, shard
         from lit_align.strategies import sharding_options
 
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
@@ -423,15 +441,20 @@ class AlignModule(L.LightningModule):
         options = sharding_options(self.trainer.strategy if self._trainer is not None else None)
         for name in ("model", *self.trainable_modules, *self.frozen_modules):
             module = getattr(self, name, None)
-            if module is None or (name in self.frozen_modules and options["replicate_frozen"]):
+            if module is None or is_sharded(unwrap_model(module)):
                 continue
-            inner = unwrap_model(module)
-            if not is_sharded(inner):
-                shard(inner, mesh, options["reshard_after_forward"], frozen=name in self.frozen_modules)
+            # the whole weights, on rank 0 only (the others hold a skeleton), kept until they are handed out
+            weights = {k: v for k, v in module.state_dict().items()} if self.trainer.global_rank == 0 else {}
+            if not (name in self.frozen_modules and options["replicate_frozen"]):
+                shard(unwrap_model(module), mesh, options["reshard_after_forward"], frozen=name in self.frozen_modules)
+            if self.trainer.world_size > 1:
+                materialize(module, self.trainer.strategy.root_device)
+                broadcast_weights(module, weights)
 
     def build_model(self) -> nn.Module:
         """Load the network named by ``model`` (a causal LM here; the reward model overrides this)."""
-        return load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
+        return load_causal_lm(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code,
+                              empty=self.empty_init)  # fmt: skip
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
         keep_rotary_fp32(model)  # also a model passed in, should the Trainer cast it (bf16-true)

@@ -164,7 +164,8 @@ class DPOModule(AlignModule):
     def build_reference(self) -> nn.Module:
         """A frozen reference policy: ``ref_model`` if given, else a copy of the (just built, untrained) policy."""
         if self.ref_model_name is not None:
-            reference = load_causal_lm(self.ref_model_name, self.tokenizer, self.dtype_name, self.trust_remote_code)
+            reference = load_causal_lm(self.ref_model_name, self.tokenizer, self.dtype_name, self.trust_remote_code,
+                                       empty=self.empty_init)  # fmt: skip
         else:
             reference = copy.deepcopy(self.model)
         return reference.requires_grad_(False).eval()

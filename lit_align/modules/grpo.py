@@ -188,7 +188,7 @@ class GRPOModule(AlignModule):
         if self.reward_model is None and self.reward_model_name is not None:
             self.reward_model, self.reward_offset = load_frozen_reward_model(
                 self.reward_model_name, self.tokenizer, self.model_name_or_path, self.dtype_name,
-                self.trust_remote_code,
+                self.trust_remote_code, empty=self.empty_init,
             )  # fmt: skip
 
     @contextmanager

@@ -54,7 +54,7 @@ def response_rewards(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tor
 
 def load_frozen_reward_model(
     name: str, policy_tokenizer: PreTrainedTokenizerBase, policy_name: str | None, dtype: str | None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, empty: bool = False,
 ) -> tuple[nn.Module, float]:  # fmt: skip
     """A reward model for on-policy training, frozen in eval mode, and the offset its ``RewardModule`` export
     subtracts. It scores the policy's token ids, so its vocabulary must be the policy's (checked unless it is the
@@ -65,7 +65,7 @@ def load_frozen_reward_model(
                 f"reward model {name!r} has another tokenizer than the policy; it scores the policy's token ids, so "
                 "they must match (or score text with reward_fn)"
             )
-    model = load_reward_model(name, policy_tokenizer, dtype, trust_remote_code)
+    model = load_reward_model(name, policy_tokenizer, dtype, trust_remote_code, empty=empty)
     return model.requires_grad_(False).eval(), float(getattr(model.config, OFFSET_KEY, 0.0))
 
 
@@ -112,7 +112,8 @@ class RewardModule(AlignModule):
         self.val_loss = MeanMetric()
 
     def build_model(self) -> nn.Module:
-        return load_reward_model(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code)
+        return load_reward_model(self.model_name_or_path, self.tokenizer, self.dtype_name, self.trust_remote_code,
+                                 empty=self.empty_init)  # fmt: skip
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[N]`` normalised rewards of the batch's responses, read at each response's last token (in either

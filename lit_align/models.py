@@ -160,8 +160,8 @@ def _load(
             # Fixed weights make "tiny" a model like any other: a reference re-created on resume equals the original.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(TINY_SEED)
-                model = preset(tiny_config(tokenizer or load_tokenizer(TINY), **extra))
-            model = model.to(torch_dtype) if torch_dtype is not None else model
+                model = keep_rotary_fp32(preset(tiny_config(tokenizer or load_tokenizer(TINY), **extra)))
+            model = model.to(torch_dtype) if torch_dtype is not None else model  # rotary tables stay fp32
         elif empty:  # the architecture only, in the dtype the weights will come in
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
             stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -52,7 +52,7 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
         data = InstructionDataModule(module.tokenizer, rows[:24], val_data=rows[24:], max_length=192,
                                      batch_size=per_rank)  # fmt: skip
     elif method == "reward":
-        module = RewardModule(lr=1e-2)
+        module = RewardModule(lr=1e-2, normalize=True)  # the offset is computed on every rank at the end
         data = PreferenceDataModule(module.tokenizer, hh, val_data=hh_val, max_length=96, batch_size=per_rank)
     elif method.startswith("dpo"):
         options = {
@@ -179,7 +179,8 @@ def main() -> None:
         module.export_hf(out / f"{method}-{strategy_name}-export")
         if trainer.global_rank == 0:
             torch.save({"losses": record.losses, "weights": weights, "digests": digests, "trainable": trainable,
-                        "changed": changed, "held": held, "validation": validation, "scaler": scaler},
+                        "changed": changed, "held": held, "validation": validation, "scaler": scaler,
+                        "reward_offset": float(getattr(module, "reward_offset", 0.0))},
                        out / f"{method}-{strategy_name}.pt")  # fmt: skip
 
 

@@ -101,6 +101,7 @@ def test_two_ranks_train_as_one_with_the_same_global_batch(runs, method, strateg
     run = torch.load(runs / f"{method}-{strategy}.pt", weights_only=True)
     assert len(run["losses"]) == len(single["losses"]) >= 2
     assert run["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert run["reward_offset"] == pytest.approx(single["reward_offset"], abs=1e-5)  # the reward model's calibration
     assert [k for k in run["trainable"] if not run["changed"][k]] == []
     assert method == "dpo_lora" or any("lm_head" in k or "score" in k for k in run["trainable"])  # LoRA: adapters
     assert len(set(run["digests"])) == 1  # both ranks

@@ -164,13 +164,16 @@ class RewardModule(AlignModule):
     # ----- normalisation and export -----------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, dataloader) -> float:
-        """Set ``reward_offset`` so that the responses in ``dataloader`` score 0 on average (over all devices)."""
-        mean = MeanMetric().to(self.device)
+        """Set ``reward_offset`` so that the compared responses in ``dataloader`` (those of a pair: not the padding
+        that evens out ranks) score 0 on average. Every rank goes through the whole loader (a sharded model gathers in
+        each forward), so all get the same offset."""
+        mean = MeanMetric(sync_on_compute=False).to(self.device)
         was_training = self.model.training
         self.model.eval()
         for batch in dataloader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            mean.update(response_rewards(self.model, batch))
+            compared = torch.cat([batch["better"], batch["worse"]]).unique()
+            mean.update(response_rewards(self.model, batch)[compared])
         self.model.train(was_training)
         self.reward_offset.fill_(mean.compute())
         return float(self.reward_offset)

@@ -55,9 +55,13 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
         module = RewardModule(lr=1e-2, normalize=True)  # the offset is computed on every rank at the end
         data = PreferenceDataModule(module.tokenizer, hh, val_data=hh_val, max_length=96, batch_size=per_rank)
     elif method.startswith("dpo"):
+        # dpo_split_cache: every rank its own cache directory, as nodes that share no disk (rank 1's first rank of
+        # no node, so it never writes: a second run finds the cache on rank 0 only)
+        split = str(out / f"cache-{strategy_name}-rank{os.environ.get('RANK', '0')}")
         options = {
             "dpo": {},
             "dpo_precomputed": {"reference": "precomputed", "ref_cache_dir": str(out / f"cache-{strategy_name}")},
+            "dpo_split_cache": {"reference": "precomputed", "ref_cache_dir": split},
             "dpo_lora": {"lora": LoRA(r=4, alpha=8, dropout=0.0)},
         }[method]
         module = DPOModule(lr=1e-2, **options)

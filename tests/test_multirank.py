@@ -47,7 +47,7 @@ FP16 = "sft_fp16"
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multirank")
     for strategy, ranks in (("single", 1), *((s, 2) for s in STRATEGIES)):
-        methods = [*METHODS, FP16, *(UNEVEN if strategy == "fsdp2" else [])]
+        methods = [*METHODS, FP16, *(UNEVEN if strategy == "fsdp2" else []), *(["dpo_split_cache"] * 2)]
         result = launch("multirank_worker.py", str(out), strategy, *methods, ranks=ranks)
         assert result.returncode == 0, result.stdout[-4000:]
     return out
@@ -63,6 +63,17 @@ def test_fp16_with_loss_scaling_on_two_ranks(runs, strategy):
     assert run["losses"] == pytest.approx(single["losses"], abs=1e-3)
     assert len(set(run["digests"])) == 1
     assert run["scaler"] == ("ShardedGradScaler" if strategy == "fsdp2" else "GradScaler")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_reference_cache_on_one_rank_only_is_computed_by_all_together(runs, strategy):
+    """DPO with precomputed reference log-probs where each rank has its own cache directory (nodes sharing no disk)
+    and the second run finds the cache on rank 0 only: loading or computing is decided by all ranks together, so
+    both compute (the computation is a collective) instead of one waiting forever; the run trains as the first."""
+    run = torch.load(runs / f"dpo_split_cache-{strategy}.pt", weights_only=True)  # the second run's record
+    precomputed = torch.load(runs / f"dpo_precomputed-{strategy}.pt", weights_only=True)
+    assert run["losses"] == pytest.approx(precomputed["losses"], abs=1e-6)
+    assert list(runs.glob(f"cache-{strategy}-rank0/*.pt")) and not list(runs.glob(f"cache-{strategy}-rank1/*.pt"))
 
 
 @pytest.mark.parametrize("method", UNEVEN)

@@ -14,8 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_align.data.collate import position_ids_from_mask
 from lit_align.modules.base import unwrap_model
+from lit_align.ops import position_ids_from_mask
 from lit_align.parallel import needs_synced_steps
 
 
@@ -178,9 +178,3 @@ _OTHER_WARPERS = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}  # sampl
 def _cache_argument(lm: nn.Module) -> str:
     """``cache`` in recent transformers, ``past_key_values`` before it."""
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-
-
-def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """``[B, R]`` 1 on response tokens up to and including the first EOS (all tokens when there is none)."""
-    is_eos = (response_ids == eos_token_id).long()
-    return ((is_eos.cumsum(-1) - is_eos) == 0).long()

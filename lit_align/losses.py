@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lit_align.data.tokenize import IGNORE_INDEX
+from lit_align.ops import IGNORE_INDEX
 
 _LOGSUMEXP_CHUNK = 4096  # rows of [.., V] converted to fp32 at a time when logits are in half precision
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_shared
 
-from lit_align.data import IGNORE_INDEX, DataError, InstructionDataModule, SFTCollator, load_templates, read_records
+from lit_align.data import DataError, InstructionDataModule, SFTCollator, load_templates, read_records
+from lit_align.ops import IGNORE_INDEX
 
 ROWS = [{"prompt": f"Question {i}: ", "completion": f"answer {i}"} for i in range(10)]
 

@@ -13,10 +13,11 @@ from conftest import SHARED_DATA, _train, needs_shared
 from tokenizers import decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from lit_align.data import IGNORE_INDEX, DataError, InstructionDataModule, PreferenceDataModule, PromptDataModule
+from lit_align.data import DataError, InstructionDataModule, PreferenceDataModule, PromptDataModule
 from lit_align.data.sources import read_records
 from lit_align.data.tokenize import empty_response, special_prefix
 from lit_align.models import load_tokenizer
+from lit_align.ops import IGNORE_INDEX
 
 pytestmark = pytest.mark.reliability
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lit_align.data import IGNORE_INDEX
 from lit_align.losses import masked_mean, selective_log_softmax, sequence_logps, sft_loss, token_logps
+from lit_align.ops import IGNORE_INDEX
 
 
 def test_masked_mean_by_hand_and_empty_mask_is_zero():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lit_align import PPOModule, PromptDataModule
-from lit_align.generation import response_mask_from
 from lit_align.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.modules.ppo import AdaptiveKLController, FixedKLController
+from lit_align.ops import completion_mask
 from lit_align.rewards import CharacterFractionReward
 
 
@@ -65,7 +65,7 @@ def test_whiten_and_response_mask():
     values = torch.tensor([[1.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 0]])
     assert torch.allclose(whiten(values, mask), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4)
-    assert response_mask_from(torch.tensor([[5, 2, 7], [5, 6, 7]]), eos_token_id=2).tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert completion_mask(torch.tensor([[5, 2, 7], [5, 6, 7]]), eos_token_id=2).tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():

@@ -14,12 +14,13 @@ import torch
 from conftest import REPO, SHARED_DATA, TOKENIZER_KINDS, needs_shared
 
 from lit_align import PreferenceDataModule, RewardModule, RewardScorer
-from lit_align.data import IGNORE_INDEX, DataError, PreferenceCollator
+from lit_align.data import DataError, PreferenceCollator
 from lit_align.data.preference import ranking_pairs, score_pairs, split_shared_prefix
 from lit_align.data.sources import Record
 from lit_align.data.tokenize import special_prefix
 from lit_align.losses import bradley_terry_loss, grouped_mean, kwise_bradley_terry_loss
 from lit_align.modules.reward import last_token_index
+from lit_align.ops import IGNORE_INDEX
 
 HH_ROW = {
     "chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Rob a bank?\n\nAssistant: No, I can't help with that.",

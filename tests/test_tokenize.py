@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 from conftest import SHARED_DATA, TOKENIZER_KINDS, needs_shared
 
-from lit_align.data import IGNORE_INDEX, InstructionDataModule, SegmentEncoder, SFTCollator
+from lit_align.data import InstructionDataModule, SegmentEncoder, SFTCollator
 from lit_align.data.base import resolve_sources
 from lit_align.data.sources import Record, read_records
 from lit_align.data.tokenize import special_prefix
+from lit_align.ops import IGNORE_INDEX
 
 GSM8K_TEMPLATES = {"gsm8k": {"templates": [{"prompt": "Question: {question}\nAnswer:", "completion": " {answer}"}]}}
 

@@ -6,10 +6,9 @@ from lit_align.data.preference import PreferenceCollator, PreferenceDataModule
 from lit_align.data.prompts import PromptCollator, PromptDataModule
 from lit_align.data.sources import DataError, read_records
 from lit_align.data.templates import TemplateSet, load_templates
-from lit_align.data.tokenize import IGNORE_INDEX, SegmentEncoder
+from lit_align.data.tokenize import SegmentEncoder
 
 __all__ = [
-    "IGNORE_INDEX",
     "DataError",
     "InstructionDataModule",
     "PreferenceCollator",

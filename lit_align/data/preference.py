@@ -16,10 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import RecordsDataModule
-from lit_align.data.collate import pad_sequences
 from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.tokenize import (
-    IGNORE_INDEX,
     Segment,
     SegmentEncoder,
     chat_segments,
@@ -29,6 +27,7 @@ from lit_align.data.tokenize import (
     empty_response,
 )
 from lit_align.models import load_tokenizer
+from lit_align.ops import pack_responses
 
 
 @dataclass
@@ -312,71 +311,17 @@ class PreferenceCollator:
     share_prompt: bool = False
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        rows, segments, positions = [], [], []
-        target_row, target_col, target_id, target_response = [], [], [], []
-        response_row, response_end, response_lengths = [], [], []
-        better, worse, group = [], [], []
-        n = 0
+        batch = pack_responses([(e["prompt_ids"], e["response_ids"]) for e in examples], self.pad_token_id,
+                               self.share_prompt, self.padding_side)  # fmt: skip
+        better, worse, group, n = [], [], [], 0
         for g, example in enumerate(examples):
-            prompt = list(example["prompt_ids"])
             for b, w in example["pairs"]:
                 better.append(n + b)
                 worse.append(n + w)
                 group.append(g)
-            if self.share_prompt:
-                rows.append(list(prompt))
-                segments.append([0] * len(prompt))
-                positions.append(list(range(len(prompt))))
-            for k, response in enumerate(example["response_ids"]):
-                if not self.share_prompt:
-                    rows.append(list(prompt))
-                    segments.append([0] * len(prompt))
-                    positions.append(list(range(len(prompt))))
-                row, start = len(rows) - 1, len(rows[-1])
-                rows[row] += response
-                segments[row] += [k + 1] * len(response)
-                positions[row] += range(len(prompt), len(prompt) + len(response))
-                # token t of the response is predicted at its previous token: the prompt's last for t == 0
-                predictors = [len(prompt) - 1] + list(range(start, start + len(response) - 1))
-                scored = [(col, tok) for col, tok in zip(predictors, response) if col >= 0]
-                target_row += [row] * len(scored)
-                target_col += [col for col, _ in scored]
-                target_id += [tok for _, tok in scored]
-                target_response += [n] * len(scored)
-                response_row.append(row)
-                response_end.append(start + len(response) - 1)
-                response_lengths.append(len(scored))
-                n += 1
-        width = max(len(r) for r in rows)
-        if self.padding_side == "left":  # shift every column index by the row's padding
-            shift = [width - len(r) for r in rows]
-            target_col = [c + shift[r] for r, c in zip(target_row, target_col)]
-            response_end = [c + shift[r] for r, c in zip(response_row, response_end)]
-        side = self.padding_side
-        attention_mask = pad_sequences([[1] * len(r) for r in rows], 0, side)
-        batch = {
-            "input_ids": pad_sequences(rows, self.pad_token_id, side),
-            "attention_mask": attention_mask,
-            "position_ids": pad_sequences(positions, 0, side),
-        }
-        if self.share_prompt:
-            batch["segment_ids"] = pad_sequences(segments, -1, side)
-        else:
-            labels = [[IGNORE_INDEX if s == 0 else t for s, t in zip(seg, r)] for seg, r in zip(segments, rows)]
-            batch["labels"] = pad_sequences(labels, IGNORE_INDEX, side)
+            n += len(example["response_ids"])
         as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        batch.update(
-            target_row=as_long(target_row),
-            target_col=as_long(target_col),
-            target_id=as_long(target_id),
-            target_response=as_long(target_response),
-            response_row=as_long(response_row),
-            response_end=as_long(response_end),
-            response_lengths=as_long(response_lengths),
-            better=as_long(better),
-            worse=as_long(worse),
-            group=as_long(group),
-        )
+        batch.update(better=as_long(better), worse=as_long(worse), group=as_long(group))
         if examples and all("ref_logps" in e for e in examples):
             batch["ref_logps"] = torch.tensor([v for e in examples for v in e["ref_logps"]], dtype=torch.float32)
         return batch

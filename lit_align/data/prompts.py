@@ -14,12 +14,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import RecordsDataModule, ResumableDataLoader, ResumableSampler, resolve_sources
-from lit_align.data.collate import SFTCollator, pad_sequences, position_ids_from_mask
+from lit_align.data.collate import SFTCollator
 from lit_align.data.instruction import InstructionDataModule
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.tokenize import SegmentEncoder, check_messages, check_prompt_messages, check_text, render_chat
 from lit_align.models import load_tokenizer
+from lit_align.ops import pad_sequences, position_ids_from_mask
 
 
 def _template_fields(template: str) -> list[str]:

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.sources import DataError
+from lit_align.ops import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant")
 
 

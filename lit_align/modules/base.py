@@ -24,8 +24,6 @@ from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.checksums import write_checksums
-from lit_align.data.collate import packed_attention_mask
-from lit_align.data.tokenize import IGNORE_INDEX
 from lit_align.losses import linear_log_probs, selective_log_softmax
 from lit_align.models import (
     TINY,
@@ -35,6 +33,7 @@ from lit_align.models import (
     load_tokenizer,
     resolve_dtype,
 )
+from lit_align.ops import IGNORE_INDEX, packed_attention_mask
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.parallel import full_state_dict, model_forward, run_forward
 

@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.data.preference import PreferenceCollator
-from lit_align.generation import Generator, HFGenerator, response_mask_from
+from lit_align.generation import Generator, HFGenerator
 from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
 from lit_align.modules.base import (
     AlignModule,
@@ -28,6 +28,7 @@ from lit_align.modules.base import (
     zero_dropout,
 )
 from lit_align.modules.reward import load_frozen_reward_model, response_rewards
+from lit_align.ops import completion_mask
 from lit_align.parallel import fsdp_root, run_forward
 from lit_align.rewards import RewardFunction, score_text
 
@@ -238,7 +239,7 @@ class GRPOModule(AlignModule):
                 temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id, num_samples=n, seeds=self.completion_seeds(prompts, n),
             )  # fmt: skip
-        mask = response_mask_from(completions, tok.eos_token_id)
+        mask = completion_mask(completions, tok.eos_token_id)
         completions = completions.masked_fill(mask == 0, tok.pad_token_id)
         lengths = mask.sum(-1).tolist()
         ids = completions.tolist()

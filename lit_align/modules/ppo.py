@@ -15,8 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_align.data.collate import position_ids_from_mask
-from lit_align.generation import Generator, HFGenerator, response_mask_from
+from lit_align.generation import Generator, HFGenerator
 from lit_align.losses import (
     gae,
     kl_penalty,
@@ -38,6 +37,7 @@ from lit_align.modules.base import (
     zero_dropout,
 )
 from lit_align.modules.reward import OFFSET_KEY, load_frozen_reward_model
+from lit_align.ops import completion_mask, position_ids_from_mask
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.parallel import fsdp_root, run_forward
 from lit_align.rewards import RewardFunction, score_text
@@ -355,7 +355,7 @@ class PPOModule(AlignModule):
                 temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id, seeds=self.completion_seeds(prompts, 1),
             )  # fmt: skip
-        response_mask = response_mask_from(responses, tok.eos_token_id)
+        response_mask = completion_mask(responses, tok.eos_token_id)
         responses = responses.masked_fill(response_mask == 0, tok.pad_token_id)
         prompt_length = prompts["input_ids"].shape[1]
         attention_mask = torch.cat([prompts["attention_mask"], response_mask], 1)

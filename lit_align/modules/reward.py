@@ -10,11 +10,11 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.collate import pad_sequences, position_ids_from_mask
 from lit_align.data.tokenize import SegmentEncoder
 from lit_align.losses import kwise_bradley_terry_loss
 from lit_align.models import load_reward_model, load_tokenizer
 from lit_align.modules.base import AlignModule, backbone_hidden_states, score_head
+from lit_align.ops import pad_sequences, position_ids_from_mask
 from lit_align.parallel import model_forward
 
 OFFSET_KEY = "lit_align_reward_offset"

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lit_align.modules.base import unwrap_model
+from lit_align.models import unwrap_model
 from lit_align.ops import position_ids_from_mask
 from lit_align.parallel import needs_synced_steps
 

@@ -200,3 +200,28 @@ def load_reward_model(
     unless the checkpoint has one. ``empty`` as in :func:`load_causal_lm`.
     """
     return _load("reward", name_or_path, tokenizer, dtype, trust_remote_code, empty)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+OFFSET_KEY = "lit_align_reward_offset"
+
+
+def load_frozen_reward_model(
+    name: str, policy_tokenizer: PreTrainedTokenizerBase, policy_name: str | None, dtype: str | None,
+    trust_remote_code: bool = False, empty: bool = False,
+) -> tuple[nn.Module, float]:  # fmt: skip
+    """A reward model for on-policy training, frozen in eval mode, and the offset its ``RewardModule`` export
+    subtracts. It scores the policy's token ids, so its vocabulary must be the policy's (checked unless it is the
+    ``"tiny"`` preset or the policy's own checkpoint)."""
+    if name != "tiny" and name != policy_name:
+        if load_tokenizer(name, trust_remote_code).get_vocab() != policy_tokenizer.get_vocab():
+            raise ValueError(
+                f"reward model {name!r} has another tokenizer than the policy; it scores the policy's token ids, so "
+                "they must match (or score text with reward_fn)"
+            )
+    model = load_reward_model(name, policy_tokenizer, dtype, trust_remote_code, empty=empty)
+    return model.requires_grad_(False).eval(), float(getattr(model.config, OFFSET_KEY, 0.0))

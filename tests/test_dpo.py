@@ -12,8 +12,8 @@ from torch import nn
 
 from lit_align import DPOModule, LoRA, PreferenceDataModule
 from lit_align.data import PreferenceCollator
+from lit_align.forward import response_logps
 from lit_align.losses import sequence_logps
-from lit_align.modules.base import response_logps
 from lit_align.modules.dpo import weights_fingerprint
 
 HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lit_align import PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, RewardScorer, SFTModule
 from lit_align.checksums import MANIFEST, ChecksumError
 from lit_align.data import InstructionDataModule
-from lit_align.models import load_causal_lm, load_reward_model, load_tokenizer
-from lit_align.modules.reward import OFFSET_KEY, load_frozen_reward_model, sequence_rewards
+from lit_align.forward import sequence_rewards
+from lit_align.models import OFFSET_KEY, load_causal_lm, load_frozen_reward_model, load_reward_model, load_tokenizer
 from lit_align.ops import pad_sequences
 
 pytestmark = pytest.mark.reliability

@@ -315,7 +315,7 @@ def test_no_signal_fraction_agrees_with_the_advantages_the_loss_sees():
 def test_reward_model_scores_each_completion_at_its_last_token_in_the_packed_row():
     module = _module(reward_fn=None, reward_model="tiny")
     rollout = module.rollout(_prompts(module))
-    from lit_align.modules.base import score_head
+    from lit_align.forward import score_head
 
     i = 0
     for example in rollout.examples:

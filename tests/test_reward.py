@@ -18,8 +18,8 @@ from lit_align.data import DataError, PreferenceCollator
 from lit_align.data.preference import ranking_pairs, score_pairs, split_shared_prefix
 from lit_align.data.sources import Record
 from lit_align.data.tokenize import special_prefix
+from lit_align.forward import last_token_index
 from lit_align.losses import bradley_terry_loss, grouped_mean, kwise_bradley_terry_loss
-from lit_align.modules.reward import last_token_index
 from lit_align.ops import IGNORE_INDEX
 
 HH_ROW = {

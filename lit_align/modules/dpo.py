@@ -18,9 +18,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.checkpoint import archive_problem
+from lit_align.forward import eval_mode, response_logps
 from lit_align.losses import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, dpo_loss, mean_over_groups
 from lit_align.models import load_causal_lm
-from lit_align.modules.base import AlignModule, eval_mode, response_logps, zero_dropout
+from lit_align.modules.base import AlignModule, zero_dropout
 from lit_align.parallel import full_tensor
 
 log = logging.getLogger(__name__)

@@ -15,19 +15,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.data.preference import PreferenceCollator
+from lit_align.forward import backbone_hidden_states, eval_mode, response_rewards, unembedding_logps
 from lit_align.generation import Generator, HFGenerator
 from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
-from lit_align.modules.base import (
-    AlignModule,
-    backbone_hidden_states,
-    check_options,
-    eval_mode,
-    real_rows,
-    sampling_checks,
-    unembedding_logps,
-    zero_dropout,
-)
-from lit_align.modules.reward import load_frozen_reward_model, response_rewards
+from lit_align.models import load_frozen_reward_model
+from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
 from lit_align.ops import completion_mask
 from lit_align.parallel import fsdp_root, run_forward
 from lit_align.rewards import RewardFunction, score_text

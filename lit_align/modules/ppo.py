@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_align.forward import backbone_hidden_states, labelled_nll, score_head, unembedding_logps
 from lit_align.generation import Generator, HFGenerator
 from lit_align.losses import (
     gae,
@@ -24,19 +25,8 @@ from lit_align.losses import (
     ppo_value_loss,
     whiten,
 )
-from lit_align.modules.base import (
-    AlignModule,
-    backbone_hidden_states,
-    check_options,
-    labelled_nll,
-    real_rows,
-    sampling_checks,
-    score_head,
-    unembedding_logps,
-    unwrap_model,
-    zero_dropout,
-)
-from lit_align.modules.reward import OFFSET_KEY, load_frozen_reward_model
+from lit_align.models import OFFSET_KEY, load_frozen_reward_model, unwrap_model
+from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
 from lit_align.ops import completion_mask, position_ids_from_mask
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.parallel import fsdp_root, run_forward

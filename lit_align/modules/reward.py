@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,62 +11,11 @@ from torchmetrics import MeanMetric, Metric
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.tokenize import SegmentEncoder
+from lit_align.forward import response_rewards, sequence_rewards
 from lit_align.losses import kwise_bradley_terry_loss
-from lit_align.models import load_reward_model, load_tokenizer
-from lit_align.modules.base import AlignModule, backbone_hidden_states, score_head
-from lit_align.ops import pad_sequences, position_ids_from_mask
-from lit_align.parallel import model_forward
-
-OFFSET_KEY = "lit_align_reward_offset"
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[N]`` index of each row's last real token, for left or right padding alike, and whatever the pad id (the
-    mask, not the ids, says what is padding, so pad == eos is safe)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(-1)
-
-
-@model_forward
-def sequence_rewards(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[N]`` fp32 scalar reward of each sequence: the scalar head applied to the hidden state of its last real
-    token. ``model`` is a ``*ForSequenceClassification`` with one label (its own pooling, which locates the last token
-    by comparing ids with the pad id, is bypassed)."""
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return score_head(model)(last).squeeze(-1).float()
-
-
-@model_forward
-def response_rewards(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``[N]`` fp32 raw rewards of the responses of a :class:`~lit_align.data.PreferenceCollator` batch: the scalar
-    head on the hidden state of each response's last token (``response_row``, ``response_end``)."""
-    hidden = backbone_hidden_states(model, batch)
-    return score_head(model)(hidden[batch["response_row"], batch["response_end"]]).squeeze(-1).float()
-
-
-def load_frozen_reward_model(
-    name: str, policy_tokenizer: PreTrainedTokenizerBase, policy_name: str | None, dtype: str | None,
-    trust_remote_code: bool = False, empty: bool = False,
-) -> tuple[nn.Module, float]:  # fmt: skip
-    """A reward model for on-policy training, frozen in eval mode, and the offset its ``RewardModule`` export
-    subtracts. It scores the policy's token ids, so its vocabulary must be the policy's (checked unless it is the
-    ``"tiny"`` preset or the policy's own checkpoint)."""
-    if name != "tiny" and name != policy_name:
-        if load_tokenizer(name, trust_remote_code).get_vocab() != policy_tokenizer.get_vocab():
-            raise ValueError(
-                f"reward model {name!r} has another tokenizer than the policy; it scores the policy's token ids, so "
-                "they must match (or score text with reward_fn)"
-            )
-    model = load_reward_model(name, policy_tokenizer, dtype, trust_remote_code, empty=empty)
-    return model.requires_grad_(False).eval(), float(getattr(model.config, OFFSET_KEY, 0.0))
+from lit_align.models import OFFSET_KEY, load_reward_model, load_tokenizer
+from lit_align.modules.base import AlignModule
+from lit_align.ops import pad_sequences
 
 
 class StdMetric(Metric):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from lit_align.modules.base import AlignModule, labelled_nll
+from lit_align.forward import labelled_nll
+from lit_align.modules.base import AlignModule
 
 
 class Perplexity(MeanMetric):

@@ -16,8 +16,8 @@ import lightning as L
 import torch
 
 from lit_align import GRPOModule, PromptDataModule
-from lit_align.generation import HFGenerator
 from lit_align.rewards import CharacterFractionReward
+from lit_align.rollout import HFGenerator
 
 SETTINGS = [(True, True), (True, False), (False, True), (False, False)]
 

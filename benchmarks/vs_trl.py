@@ -117,8 +117,8 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
         RewardModule,
         SFTModule,
     )
-    from lit_align.generation import HFGenerator
     from lit_align.rewards import CharacterFractionReward
+    from lit_align.rollout import HFGenerator
 
     timer, tokens, memory = StepTimer(), [], None
     path = str(model_dir(case, workdir))

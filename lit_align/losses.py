@@ -492,12 +492,14 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     n_tokens: torch.Tensor | float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over response tokens.
 
     ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)`` with ``ratio = exp(log pi - log pi_old)``, summed over the
     response tokens and divided by ``n_tokens`` (default: this batch's count; under data parallelism the global
     mini-batch's count divided by the number of ranks, so that the ranks' averaged gradients are the global mean's).
+    ``token_weights`` ``[B, T]`` multiply each token's surrogate (:func:`truncated_importance_weights`).
 
     Returns:
         ``(loss, clip_fraction, approx_kl)``: the scalar fp32 loss; the fraction of tokens whose ratio was clipped
@@ -508,7 +510,10 @@ def ppo_policy_loss(
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    loss = _token_mean(-torch.minimum(unclipped, clipped), mask, n_tokens)
+    per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = _token_mean(per_token, mask, n_tokens)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped < unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
@@ -595,6 +600,7 @@ def grpo_policy_loss(
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
     n_tokens: torch.Tensor | float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's objective (Shao et al. 2024, eq. 3), as a loss to minimise: per token,
     ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + kl_coef KL_k3(pi || pi_ref)`` with
@@ -623,6 +629,8 @@ def grpo_policy_loss(
         loss_type: the token aggregation above.
         max_completion_length: ``R_max`` for ``"dr_grpo"``.
         n_tokens: the normaliser for ``"dapo"`` (see above).
+        token_weights: ``[N, R]`` weights of each token's surrogate, before the KL term is added (truncated importance
+            sampling against the sampler, :func:`truncated_importance_weights`, as TRL applies it).
 
     Returns:
         ``(loss, stats)``: the scalar fp32 loss and detached per-token means: ``kl`` (the k3 estimate, 0 without a
@@ -640,6 +648,8 @@ def grpo_policy_loss(
     ratio = torch.exp(logps - old)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + high) * advantages)
+    if token_weights is not None:
+        per_token = per_token * token_weights
     kl = torch.zeros_like(logps)
     if kl_coef != 0.0:
         if ref_logps is None:
@@ -664,3 +674,24 @@ def grpo_policy_loss(
             "clip_high": masked_mean(((ratio > 1 + high) & (advantages > 0)).float(), mask),
         }
     return loss, stats
+
+
+def truncated_importance_weights(
+    logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> torch.Tensor:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): a sampling engine's probabilities differ from the trainer's (other kernels, lower
+    precision), so the tokens it sampled are weighted by ``min(pi_trainer / pi_sampler, cap)``, per token, as verl
+    and TRL's ``token_truncate`` apply it.
+
+    Args:
+        logps: ``[N, R]`` the trainer's log-probs of the sampled tokens under the policy that sampled them.
+        sampler_logps: ``[N, R]`` the sampling engine's log-probs of the same tokens.
+        mask: ``[N, R]`` 1 on completion tokens.
+        cap: the largest weight.
+
+    Returns:
+        ``[N, R]`` detached weights, 1 outside ``mask``.
+    """
+    ratio = torch.exp(logps.detach().float() - sampler_logps.float()).clamp(max=cap)
+    return torch.where(mask.bool(), ratio, torch.ones_like(ratio))

@@ -31,9 +31,9 @@ from lit_align import (
     SFTModule,
 )
 from lit_align.data.sources import read_records
-from lit_align.generation import HFGenerator
 from lit_align.parallel import full_tensor
 from lit_align.rewards import CharacterFractionReward
+from lit_align.rollout import HFGenerator
 from lit_align.strategies import FSDP2Strategy
 
 GLOBAL_BATCH = 4
@@ -68,7 +68,7 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
         data = PreferenceDataModule(module.tokenizer, hh, val_data=hh_val, max_length=96, share_prompt=True,
                                     batch_size=per_rank)  # fmt: skip
     elif method == "ppo":
-        module = PPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), max_new_tokens=6, ppo_epochs=1,
+        module = PPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), max_new_tokens=6, num_iterations=1,
                            mini_batch_size=per_rank, value_model="policy_head")  # fmt: skip
         data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
     elif method.startswith("grpo_uneven"):  # rank 0 stops after one token, rank 1 samples eight

@@ -77,7 +77,7 @@ def main() -> None:
                                      batch_size=per_rank)  # fmt: skip
     elif method == "ppo":
         module = PPOModule(
-            lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8, mini_batch_size=4, ppo_epochs=1,
+            lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8, mini_batch_size=4, num_iterations=1,
             adaptive_kl=True, kl_target=0.5, kl_horizon=50,
         )  # fmt: skip
         data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=per_rank)

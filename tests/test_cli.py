@@ -157,7 +157,7 @@ def test_ppo_config_runs_and_exports_the_policy(tmp_path):
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
         "--model.max_new_tokens=8",
-        "--model.ppo_epochs=1",
+        "--model.num_iterations=1",
         "--trainer.enable_progress_bar=false",
     )
     logged = cli.trainer.callback_metrics
@@ -181,5 +181,5 @@ def test_grpo_config_runs_on_gsm8k_and_exports_the_policy(tmp_path):
         logged
     )
     assert cli.trainer.global_step == 2
-    assert type(cli.model.reward_fns[0]).__name__ == "NumericAnswerReward"
+    assert type(cli.model.rollout_stage.reward_fns[0]).__name__ == "NumericAnswerReward"
     assert (tmp_path / "export" / "model.safetensors").exists()

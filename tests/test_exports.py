@@ -20,6 +20,7 @@ from lit_align.data import InstructionDataModule
 from lit_align.forward import sequence_rewards
 from lit_align.models import OFFSET_KEY, load_causal_lm, load_frozen_reward_model, load_reward_model, load_tokenizer
 from lit_align.ops import pad_sequences
+from lit_align.rollout import to_completions
 
 pytestmark = pytest.mark.reliability
 
@@ -130,7 +131,7 @@ def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_m
     reward.reward_offset.fill_(0.5)
     reward.export_hf(tmp_path / "rm")
     export = tmp_path / "ppo"
-    module = PPOModule(lr=1e-2, max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, value_model=value_model,
+    module = PPOModule(lr=1e-2, max_new_tokens=8, mini_batch_size=4, num_iterations=1, value_model=value_model,
                        reward_model=str(tmp_path / "rm"), export_dir=str(export))  # fmt: skip
     module.configure_model()
     assert module.reward_offset == 0.5
@@ -141,14 +142,12 @@ def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_m
 
     data.setup("fit")
     rollout = module.rollout(data.collator(data.train_dataset[:4]))
-    seq, mask, prompt_length = rollout.sequences, rollout.response_mask, rollout.prompt_length
-    rows, offsets, cols = module._response_positions(mask, prompt_length)
+    batch, width = module.rollout_stage.pack(rollout.experience), rollout.experience.width
     module.eval()
     with torch.no_grad():
-        _, policy_hidden = module.token_logps(module.model, seq, mask, prompt_length)
-        expected = module.token_values(seq, mask, prompt_length, policy_hidden)[rows, offsets]
-        inputs = {"input_ids": seq["input_ids"], "attention_mask": seq["attention_mask"],
-                  "position_ids": seq["position_ids"]}  # fmt: skip
+        hidden = module.rollout_stage.completion_logps(module.model, batch, width, hidden=True).hidden
+        expected = module.token_values(batch, width, hidden)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
         if value_model == "reward":
             reloaded = AutoModelForSequenceClassification.from_pretrained(export / "value_model").eval()
             assert not hasattr(reloaded.config, OFFSET_KEY)
@@ -157,8 +156,9 @@ def test_ppo_exports_its_trained_value_model_beside_the_policy(tmp_path, value_m
             head = load_file(export / "value_model" / "model.safetensors")
             policy = AutoModelForCausalLM.from_pretrained(export).eval()
             values = policy.model(**inputs).last_hidden_state @ head["score.weight"].T[:, 0] + head["score.bias"]
+        values = to_completions(values[batch["target_row"], batch["target_col"]], batch, width)
     assert expected.abs().max() > 0
-    assert torch.allclose(values[rows, cols], expected, atol=1e-5), (values[rows, cols] - expected).abs().max()
+    assert torch.allclose(values, expected, atol=1e-5)
 
 
 def _flip_a_tensor_byte(path: Path) -> None:

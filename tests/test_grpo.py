@@ -14,9 +14,9 @@ import torch
 from conftest import precision_setting
 
 from lit_align import GRPOModule, PromptDataModule
-from lit_align.generation import HFGenerator
 from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
 from lit_align.rewards import CharacterFractionReward, LengthReward
+from lit_align.rollout import HFGenerator
 
 
 # ----- the maths by hand ----------------------------------------------------------------------------------------------
@@ -174,6 +174,12 @@ def _prompts(module, n=3, max_prompt_length=48):
     return next(iter(data.train_dataloader()))
 
 
+def _logps(module, rollout, model=None):
+    """The completions' log-probs under ``model`` (default the policy), packed as the module packs them."""
+    stage, experience = module.rollout_stage, rollout.experience
+    return stage.completion_logps(model or module.model, stage.pack(experience), experience.width).logps
+
+
 def _module(**kwargs):
     torch.manual_seed(0)
     kwargs.setdefault("reward_fn", CharacterFractionReward())
@@ -188,20 +194,20 @@ def test_packed_group_log_probs_equal_each_completion_forwarded_alone():
     module = _module()
     prompts = _prompts(module)
     rollout = module.rollout(prompts)
-    assert rollout.completion_mask.shape == (9, 8) and rollout.advantages.shape == (9,)
-    width = rollout.completion_mask.shape[1]
-    packed = module.completion_logps(module.model, module.collate(rollout.examples), width)[0]
-    module.collator.share_prompt = False
-    unpacked = module.completion_logps(module.model, module.collate(rollout.examples), width)[0]
+    experience = rollout.experience
+    assert experience.completion_mask.shape == (9, 8) and rollout.advantages.shape == (9,)
+    packed = _logps(module, rollout)
+    module.rollout_stage.share_prompt = False
+    unpacked = _logps(module, rollout)
     assert torch.allclose(packed, unpacked, atol=1e-5)
     i = 0
-    for example in rollout.examples:
+    for example in experience.examples():
         for completion in example["response_ids"]:
             ids = torch.tensor([example["prompt_ids"] + completion])
             logits = module.model(input_ids=ids).logits[0, len(example["prompt_ids"]) - 1 : -1]
             alone = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
             assert torch.allclose(packed[i, : len(completion)], alone, atol=1e-4)
-            assert rollout.completion_mask[i].sum() == len(completion)
+            assert experience.completion_mask[i].sum() == len(completion)
             i += 1
     assert torch.equal(rollout.ref_logps, packed)  # the reference is the starting policy
     loss, stats = module.policy_objective(rollout, [0, 1, 2], None)
@@ -225,12 +231,12 @@ def test_group_sampling_prefills_each_prompt_once_with_the_same_completions():
     module.model.register_forward_pre_hook(
         lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
-    shared = HFGenerator({"do_sample": False})(*args, **kwargs)
+    shared = HFGenerator({"do_sample": False})(*args, **kwargs).ids
     n_prompts, length = prompts["input_ids"].shape
     # one prefill of the 3 prompts (all but their last token), then decoding feeds one token per row
     assert shapes[:2] == [(n_prompts, length - 1), (3 * n_prompts, 1)]
     shapes.clear()
-    repeated = HFGenerator({"do_sample": False}, share_prompt_cache=False)(*args, **kwargs)
+    repeated = HFGenerator({"do_sample": False}, share_prompt_cache=False)(*args, **kwargs).ids
     assert shapes[0] == (3 * n_prompts, length)  # every repeated prompt prefilled
     assert shared.shape == (9, 6) and torch.equal(shared, repeated)
     # a model or call that asks for another cache implementation is not given a dynamic cache
@@ -254,7 +260,7 @@ def test_truncated_completions_can_be_left_out_of_the_loss():
     for masked in (True, False):
         module = _module(mask_truncated_completions=masked, generator=generator, kl_coef=0.0)
         rollout = module.rollout(_prompts(module))
-        assert not rollout.has_eos.any() and rollout.completion_mask.sum() == 9 * 8
+        assert not rollout.experience.has_eos.any() and rollout.experience.completion_mask.sum() == 9 * 8
         assert rollout.loss_mask.sum() == (0 if masked else 9 * 8)
         rollout.advantages = torch.ones_like(rollout.advantages)  # a signal, whatever the rewards were
         loss, _ = module.policy_objective(rollout, [0, 1, 2], None)
@@ -266,8 +272,9 @@ def test_truncated_completions_can_be_left_out_of_the_loss():
 def test_several_reward_functions_are_weighted_and_bad_rewards_are_named():
     module = _module(reward_fn=[CharacterFractionReward(), LengthReward(10)], reward_weights=[2.0, 0.5])
     rollout = module.rollout(_prompts(module))
-    assert rollout.rewards_per_fn.shape == (9, 2)
-    assert torch.allclose(rollout.rewards, rollout.rewards_per_fn @ torch.tensor([2.0, 0.5]))
+    experience = rollout.experience
+    assert experience.scores.shape == (9, 2)
+    assert torch.allclose(experience.rewards, experience.scores @ torch.tensor([2.0, 0.5]))
     module = _module(reward_fn=lambda prompts, completions: torch.zeros(len(completions) + 1))
     with pytest.raises(ValueError, match=r"returned shape \(10,\) for 9 responses"):
         module.rollout(_prompts(module))
@@ -318,11 +325,13 @@ def test_reward_model_scores_each_completion_at_its_last_token_in_the_packed_row
     from lit_align.forward import score_head
 
     i = 0
-    for example in rollout.examples:
+    for example in rollout.experience.examples():
         for completion in example["response_ids"]:
             ids = torch.tensor([example["prompt_ids"] + completion])
             hidden = module.reward_model.model(input_ids=ids)[0][0, -1]
-            assert rollout.rewards[i].item() == pytest.approx(score_head(module.reward_model)(hidden).item(), abs=1e-4)
+            assert rollout.experience.rewards[i].item() == pytest.approx(
+                score_head(module.reward_model)(hidden).item(), abs=1e-4
+            )
             i += 1
 
 
@@ -398,10 +407,9 @@ def test_lora_reference_is_the_policy_with_adapters_disabled():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.5)
     rollout = module.rollout(_prompts(module))
-    width = rollout.completion_mask.shape[1]
-    policy = module.completion_logps(module.model, module.collate(rollout.examples), width)[0]
+    policy = _logps(module, rollout)
     with module.model.disable_adapter():
-        base = module.completion_logps(module.model, module.collate(rollout.examples), width)[0]
+        base = _logps(module, rollout)
     assert torch.equal(rollout.ref_logps, base) and not torch.allclose(policy, base)
 
 

@@ -12,7 +12,7 @@ import torch
 from lit_align import PPOModule, PromptDataModule
 from lit_align.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.modules.ppo import AdaptiveKLController, FixedKLController
-from lit_align.ops import completion_mask
+from lit_align.ops import completion_mask, position_ids_from_mask
 from lit_align.rewards import CharacterFractionReward
 
 
@@ -91,21 +91,47 @@ def prompts_batch(module, n=6):
 
 
 @pytest.mark.parametrize("value_model", ["reward", "policy_head"])
-def test_left_padded_rollout_before_any_update_has_ratio_one_and_zero_kl(value_model):
+def test_rollout_before_any_update_has_ratio_one_and_zero_kl(value_model):
     torch.manual_seed(0)
     module = PPOModule(max_new_tokens=12, mini_batch_size=4, value_model=value_model)
     module.configure_model()
     _, batch = prompts_batch(module)
-    assert (batch["attention_mask"] == 0).any()  # rows really are left-padded
+    assert (batch["attention_mask"] == 0).any()  # the prompts really are left-padded for sampling
     rollout = module.rollout(batch)
-    real = rollout.response_mask.bool()
+    real = rollout.mask.bool()
     assert torch.equal(rollout.kl[real], torch.zeros(int(real.sum())))
     module.train()
     with torch.no_grad():
-        logps, _ = module.token_logps(module.model, rollout.sequences, rollout.response_mask, rollout.prompt_length)
+        packed = module.rollout_stage.pack(rollout.experience)
+        logps = module.rollout_stage.completion_logps(module.model, packed, rollout.experience.width).logps
     ratio = (logps - rollout.logps).exp()[real]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     assert torch.isfinite(rollout.advantages).all() and torch.isfinite(rollout.values).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logps_equal_the_left_padded_forward_they_were_sampled_from(temperature):
+    """PPO used to score its responses on the left-padded prompt + response rows it sampled from; the rollout stage
+    scores them packed (a row per completion, right-padded, positions continuing the prompt's). Both are a plain
+    forward of the left-padded rows: equal within 1e-5 (fp32), at the sampling temperature."""
+    torch.manual_seed(0)
+    module = PPOModule(max_new_tokens=12, mini_batch_size=4, temperature=temperature)
+    module.configure_model()
+    _, batch = prompts_batch(module)
+    experience = module.sample(batch)
+    ids = torch.cat([batch["input_ids"], experience.completion_ids], 1)
+    attention_mask = torch.cat([batch["attention_mask"], experience.completion_mask], 1)
+    module.eval()
+    with torch.no_grad():
+        logits = module.model(input_ids=ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask)).logits.float()  # fmt: skip
+        start = batch["input_ids"].shape[1] - 1
+        logps = torch.log_softmax(logits[:, start:-1] / temperature, -1)
+        expected = logps.gather(-1, experience.completion_ids.unsqueeze(-1)).squeeze(-1) * experience.completion_mask
+        packed = module.rollout_stage.pack(experience)
+        got = module.rollout_stage.completion_logps(module.model, packed, experience.width).logps
+    assert experience.completion_mask.sum() > 10
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_ptx_term_adds_exactly_its_gradient():
@@ -146,7 +172,7 @@ def _trainer(tmp_path, **kwargs):
 
 def test_resume_restores_policy_value_optimizers_and_kl_controller(tmp_path):
     torch.manual_seed(0)
-    kwargs = dict(lr=1e-3, max_new_tokens=8, mini_batch_size=4, ppo_epochs=1, adaptive_kl=True, kl_target=0.01,
+    kwargs = dict(lr=1e-3, max_new_tokens=8, mini_batch_size=4, num_iterations=1, adaptive_kl=True, kl_target=0.01,
                   kl_horizon=10)  # fmt: skip
     module = PPOModule(**kwargs)
     data = PromptDataModule(module.tokenizer, batch_size=4, max_prompt_length=32)
@@ -196,7 +222,7 @@ def test_ppo_raises_a_learnable_reward_with_bounded_kl(tmp_path):
 
     torch.manual_seed(0)
     module = PPOModule(
-        model=str(tmp_path / "sft"), lr=1e-3, max_new_tokens=16, mini_batch_size=16, ppo_epochs=4, kl_coef=0.02,
+        model=str(tmp_path / "sft"), lr=1e-3, max_new_tokens=16, mini_batch_size=16, num_iterations=4, kl_coef=0.02,
         reward_fn=CharacterFractionReward(" "), reward_model=None,
     )  # fmt: skip
     data = PromptDataModule(module.tokenizer, batch_size=32, max_prompt_length=32)
@@ -222,7 +248,7 @@ def test_missing_eos_penalty_and_score_normalisation_shape_the_rewards():
     module.configure_model()
     _, batch = prompts_batch(module)
     rollout = module.rollout(batch)
-    assert not rollout.has_eos.any()
+    assert not rollout.experience.has_eos.any()
     assert torch.allclose(rollout.rewards.sum(-1), rollout.scores - 1.0, atol=1e-6)
     module.normalize_scores = True
     torch.manual_seed(0)

@@ -117,7 +117,7 @@ GENERATOR_EVIL = """
 model:
   init_args:
     generator:
-      class_path: lit_align.generation.HFGenerator
+      class_path: lit_align.rollout.HFGenerator
       init_args:
         generate_kwargs:
           streamer: {class_path: lit_align.cli.os.popen, init_args: {cmd: "touch MARKER"}}
@@ -153,8 +153,8 @@ def test_a_generator_with_plain_generate_kwargs_still_parses(tmp_path):
     config = tmp_path / "generator.yaml"
     config.write_text(GENERATOR_EVIL.split("streamer")[0] + "min_new_tokens: 2\n")
     cli = run(["-c", str(REPO / "configs" / "grpo.yaml"), "-c", str(config)], run=False)
-    assert type(cli.model.generator).__name__ == "HFGenerator"
-    assert cli.model.generator.generate_kwargs == {"min_new_tokens": 2}
+    assert type(cli.model.rollout_stage.generator).__name__ == "HFGenerator"
+    assert cli.model.rollout_stage.generator.generate_kwargs == {"min_new_tokens": 2}
 
 
 def test_checkpoint_hyperparameters_reaching_a_forbidden_callable_are_refused(tmp_path, reliability):

@@ -424,25 +424,19 @@ class AlignModule(L.LightningModule):
         var = self.rank_share((((values - mean) ** 2) * mask).sum()) / n.clamp(min=1)
         return mean, var
 
-    def completion_seeds(self, prompts: Mapping[str, Any], num_samples: int) -> torch.Tensor:
-        """One seed per completion to sample for the batch ``prompts`` (see
-        :func:`~lit_align.generation.completion_seeds`): from ``sampling_seed`` (by default the run's
-        ``seed_everything`` seed), the phase (training: the epoch; validation: the step) and each prompt's key (its
-        index in its split), so that a completion is the same on any number of ranks and in a resumed run."""
-        from lit_align.generation import completion_seeds
-
+    def sampling_stream(self) -> tuple[Any, ...]:
+        """What completions sampled now are seeded by, besides their prompt's key (see
+        :func:`~lit_align.rollout.completion_seeds`): ``sampling_seed`` (by default the run's ``seed_everything``
+        seed) and the phase (training: the epoch; validation: the step), so that a completion is the same on any
+        number of ranks and in a resumed run."""
         seed = getattr(self, "sampling_seed", None)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
-        keys = prompts.get("keys")
-        keys = range(len(prompts["input_ids"])) if keys is None else keys.tolist()
         if self._trainer is None:  # called directly: a new stream every call
             self._direct_calls = getattr(self, "_direct_calls", 0) + 1
-            stream: tuple[Any, ...] = ("direct", self._direct_calls)
-        elif self.trainer.training:  # a prompt is seen once an epoch
-            stream = ("train", self.current_epoch)
-        else:
-            stream = ("eval", self.global_step)
-        return completion_seeds(seed, *stream, keys=keys, num_samples=num_samples).to(self.device)
+            return (seed, "direct", self._direct_calls)
+        if self.trainer.training:  # a prompt is seen once an epoch
+            return (seed, "train", self.current_epoch)
+        return (seed, "eval", self.global_step)
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         self._last_loss = loss.detach()

@@ -14,32 +14,27 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_align.data.preference import PreferenceCollator
-from lit_align.forward import backbone_hidden_states, eval_mode, response_rewards, unembedding_logps
-from lit_align.generation import Generator, HFGenerator
-from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
+from lit_align.forward import eval_mode
+from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss, truncated_importance_weights
 from lit_align.models import load_frozen_reward_model
 from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
-from lit_align.ops import completion_mask
-from lit_align.parallel import fsdp_root, run_forward
-from lit_align.rewards import RewardFunction, score_text
+from lit_align.rewards import RewardFunction
+from lit_align.rollout import Experience, Generator, RolloutStage
 
 
 @dataclass
 class GroupRollout:
-    """One batch of prompts, ``group_size`` sampled completions each (``N = B x G`` completions of at most ``R``
-    tokens), and what GRPO needs about them."""
+    """A batch's :class:`~lit_align.rollout.Experience` (``B`` prompts, ``G`` completions each, ``N = B x G``) and what
+    GRPO computes from it."""
 
-    examples: list[dict[str, Any]]  # per prompt: prompt_ids (real tokens), response_ids (its G completions)
-    completion_mask: torch.Tensor  # [N, R] 1 up to and including each completion's first EOS
-    loss_mask: torch.Tensor  # [N, R] the tokens the loss counts: completion_mask, less truncated completions if asked
-    rewards: torch.Tensor  # [N] the weighted sum of the reward functions (after any missing-EOS penalty)
-    rewards_per_fn: torch.Tensor  # [N, F] each reward function's (or the reward model's) scores
+    experience: Experience
+    loss_mask: torch.Tensor  # [N, R] the tokens the loss counts: completion tokens, less truncated ones if asked
     advantages: torch.Tensor  # [N]
     zero_std: torch.Tensor  # [N] bool: the completion's group had equal rewards (no signal)
-    has_eos: torch.Tensor  # [N] bool
     old_logps: torch.Tensor | None  # [N, R] when the policy moves before the last use of the rollout
     ref_logps: torch.Tensor | None  # [N, R] when kl_coef != 0
+    token_weights: torch.Tensor | None = None  # [N, R] truncated importance weights against the sampler, if asked
+    mismatch: dict[str, torch.Tensor] | None = None  # the sampler's log-probs against the trainer's
 
 
 class GRPOModule(AlignModule):
@@ -83,8 +78,11 @@ class GRPOModule(AlignModule):
         max_grad_norm: gradient clipping (``None``: none).
         share_prompt: pack a prompt and its group in one row (needs an attention implementation that takes a custom
             mask, sdpa or eager); false scores one row per completion.
-        generator: the sampling engine (default :class:`~lit_align.generation.HFGenerator`, Hugging Face
-            ``generate`` with each prompt prefilled once for its group).
+        generator: the sampling engine (default :class:`~lit_align.rollout.HFGenerator`, Hugging Face ``generate``
+            with each prompt prefilled once for its group; :class:`~lit_align.rollout.VLLMGenerator` for vLLM).
+        tis_cap: with a generator that returns its own log-probs (vLLM), weight each token's surrogate by the
+            truncated importance ratio ``min(pi_trainer / pi_sampler, tis_cap)`` (TIS, as verl and TRL apply it);
+            ``None``: no correction (the mismatch is still logged as ``train/logp_diff_mean`` and ``_max``).
         sampling_seed: the seed completions are sampled from, each completion from its own seed hashed from this,
             the batch and its prompt (so sampling is the same on any number of devices and in a resumed run);
             ``None``: the run's ``seed_everything`` seed.
@@ -116,6 +114,7 @@ class GRPOModule(AlignModule):
         max_grad_norm: float | None = 1.0,
         share_prompt: bool = True,
         generator: Generator | None = None,
+        tis_cap: float | None = None,
         sampling_seed: int | None = None,
         disable_dropout: bool = True,
         **kwargs: Any,
@@ -145,21 +144,23 @@ class GRPOModule(AlignModule):
             ("clip_eps", clip_eps, clip_eps > 0, "positive"),
             ("clip_eps_high", clip_eps_high, clip_eps_high is None or clip_eps_high > 0, "positive"),
             ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "positive"),
+            ("tis_cap", tis_cap, tis_cap is None or tis_cap >= 1, "at least 1"),
         )
         self.automatic_optimization = False
-        self.reward_fns, self.reward_model_name = reward_fns, reward_model
-        self.reward_weights = torch.tensor(reward_weights or [1.0] * n_rewards, dtype=torch.float32)
+        self.reward_model_name = reward_model
         self.group_size, self.kl_coef = group_size, kl_coef
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
-        self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
+        self.clip_eps, self.clip_eps_high, self.tis_cap = clip_eps, clip_eps_high, tis_cap
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.missing_eos_penalty, self.max_grad_norm = missing_eos_penalty, max_grad_norm
+        self.max_new_tokens = max_new_tokens
+        self.max_grad_norm = max_grad_norm
         self.mask_truncated_completions = mask_truncated_completions
         self.disable_dropout = disable_dropout
-        self.generator = generator or HFGenerator()
         self.sampling_seed = sampling_seed
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, share_prompt=share_prompt)
+        self.rollout_stage = RolloutStage(
+            self.tokenizer, generator, group_size, max_new_tokens, temperature, top_p, share_prompt=share_prompt,
+            reward_fns=reward_fns, reward_weights=reward_weights, missing_eos_penalty=missing_eos_penalty,
+        )  # fmt: skip
         self.ref_model: nn.Module | None = None
         self.reward_model: nn.Module | None = None
         self.reward_offset = 0.0
@@ -169,6 +170,8 @@ class GRPOModule(AlignModule):
         ]  # fmt: skip
         if len(reward_fns) > 1:
             names += [f"reward_{i}" for i in range(len(reward_fns))]
+        if generator is not None and generator.returns_logps:
+            names += ["logp_diff_mean", "logp_diff_max"]
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "response_length")})
 
@@ -193,102 +196,46 @@ class GRPOModule(AlignModule):
         with eval_mode(self.model), self.model.disable_adapter():
             yield self.model
 
-    # ----- per-token log-probs ----------------------------------------------------------------------------------------
-    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """A packed scoring batch (:class:`~lit_align.data.PreferenceCollator` layout) of prompts and their groups,
-        on the module's device."""
-        batch = self.collator([{**e, "pairs": []} for e in examples])
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def completion_logps(
-        self, model: nn.Module, batch: Mapping[str, torch.Tensor], width: int, entropy: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        """``[n, width]`` log-probs of the completion tokens of ``batch`` under ``model`` at the sampling temperature
-        (zero past each completion's end), with ``[M]`` per-token entropies when ``entropy``."""
-
-        def forward() -> Any:
-            hidden = backbone_hidden_states(model, batch)
-            return unembedding_logps(
-                model, hidden[batch["target_row"], batch["target_col"]], batch["target_id"],
-                temperature=self.temperature, return_entropy=entropy,
-            )  # fmt: skip
-
-        out = run_forward(fsdp_root(model), forward)
-        flat = out[0] if entropy else out
-        lengths = batch["response_lengths"]
-        which = batch["target_response"]
-        offsets = torch.arange(len(which), device=which.device) - (lengths.cumsum(0) - lengths)[which]
-        logps = flat.new_zeros(len(lengths), width).index_put((which, offsets), flat)
-        return (logps, out[1]) if entropy else (logps,)
-
-    # ----- sampling and scoring -----------------------------------------------------------------------------------
-    def sample(self, prompts: Mapping[str, Any], n: int) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
-        """``n`` completions per prompt: ``(examples, completion_mask [B n, R], completion_ids [B n, R])``."""
-        tok = self.tokenizer
-        with eval_mode(self.model), self.sampling_context():
-            completions = self.generator(
-                self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, num_samples=n, seeds=self.completion_seeds(prompts, n),
-            )  # fmt: skip
-        mask = completion_mask(completions, tok.eos_token_id)
-        completions = completions.masked_fill(mask == 0, tok.pad_token_id)
-        lengths = mask.sum(-1).tolist()
-        ids = completions.tolist()
-        examples = []
-        for b, (row, row_mask) in enumerate(zip(prompts["input_ids"], prompts["attention_mask"])):
-            group = range(b * n, (b + 1) * n)
-            examples.append({"prompt_ids": row[row_mask.bool()].tolist(),
-                             "response_ids": [ids[i][: lengths[i]] for i in group]})  # fmt: skip
-        return examples, mask, completions
-
-    def compute_rewards(
-        self, prompts: Sequence[str], completions: Sequence[str], batch: Mapping[str, torch.Tensor],
-        references: Sequence[str] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
-        """``[N, F]`` scores of each completion by each reward function (given the data's ``references`` when it has
-        them), or ``[N, 1]`` by the reward model, read at each completion's last token of the packed ``batch``."""
-        if self.reward_fns:
-            columns = [score_text(fn, prompts, completions, references) for fn in self.reward_fns]
-            return torch.stack(columns, -1).to(self.device)
-        return (response_rewards(self.reward_model, batch) - self.reward_offset).unsqueeze(-1)
-
+    # ----- the rollout ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: Mapping[str, Any]) -> GroupRollout:
-        """Sample ``group_size`` completions per prompt, score them, compute group-relative advantages, and the
-        old-policy and reference log-probs the updates need."""
-        g, tok = self.group_size, self.tokenizer
-        examples, mask, completions = self.sample(prompts, g)
-        has_eos = ((completions == tok.eos_token_id) & (mask == 1)).any(-1)
-        n_prompts, width = len(examples), mask.shape[1]
+        """Sample ``group_size`` completions per prompt, score them, and compute group-relative advantages and the
+        old-policy and reference log-probs the updates need (packed per mini-batch of prompts)."""
+        stage = self.rollout_stage
+        experience = self.sample(prompts)
+        n_prompts, width = len(experience.prompt_ids), experience.width
         step = self.mini_batch_size or n_prompts
-        chunks = [examples[s : s + step] for s in range(0, n_prompts, step)]
-        batches = [self.collate(chunk) for chunk in chunks]
-        if self.reward_fns:
-            texts = tok.batch_decode(completions, skip_special_tokens=True)
-            repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
-            references = repeat(prompts["references"]) if "references" in prompts else None
-            per_fn = self.compute_rewards(repeat(prompts["prompt_text"]), texts, {}, references)
-        else:
-            per_fn = torch.cat([self.compute_rewards([], [], b) for b in batches])
-        rewards = (per_fn * self.reward_weights.to(per_fn.device)).sum(-1)
-        if self.missing_eos_penalty is not None:
-            rewards = rewards - self.missing_eos_penalty * (~has_eos).float()
+        batches = [stage.pack(experience, range(s, min(s + step, n_prompts)), self.device)
+                   for s in range(0, n_prompts, step)]  # fmt: skip
+        rewards = stage.score(experience, self.reward_model, self.reward_offset, batches).rewards
         batch_std = None
         if self.scale_rewards == "batch" and self._trainer is not None and self.trainer.world_size > 1:
             batch_std = self.all_gather(rewards).flatten().std()  # the batch is every device's
-        advantages, zero_std = grpo_advantages(rewards, g, self.scale_rewards, batch_std=batch_std)
-        policy_moves = self.num_iterations > 1 or len(chunks) > 1
-        old_logps = ref_logps = None
-        if policy_moves:
+        advantages, zero_std = grpo_advantages(rewards, self.group_size, self.scale_rewards, batch_std=batch_std)
+        mask = experience.completion_mask
+        policy_moves = self.num_iterations > 1 or len(batches) > 1
+        old_logps = ref_logps = token_weights = None
+        mismatch: dict[str, torch.Tensor] = {}
+        if policy_moves or experience.sampler_logps is not None:
             with eval_mode(self.model):
-                old_logps = torch.cat([self.completion_logps(self.model, b, width)[0] for b in batches])
+                old_logps = torch.cat([stage.completion_logps(self.model, b, width).logps for b in batches])
+            mismatch = stage.mismatch(experience, old_logps)
+            if self.tis_cap is not None and experience.sampler_logps is not None:
+                token_weights = truncated_importance_weights(old_logps, experience.sampler_logps, mask, self.tis_cap)
+            old_logps = old_logps if policy_moves else None  # else the ratio is exactly 1: no need to keep it
         if self.kl_coef != 0:
             with self._reference() as reference:
-                ref_logps = torch.cat([self.completion_logps(reference, b, width)[0] for b in batches])
-        loss_mask = mask * has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
-        return GroupRollout(examples, mask, loss_mask, rewards, per_fn, advantages, zero_std, has_eos, old_logps,
-                            ref_logps)  # fmt: skip
+                ref_logps = torch.cat([stage.completion_logps(reference, b, width).logps for b in batches])
+        loss_mask = mask * experience.has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
+        return GroupRollout(experience, loss_mask, advantages, zero_std, old_logps, ref_logps, token_weights, mismatch)
+
+    def sample(self, prompts: Mapping[str, Any], group_size: int | None = None) -> Experience:
+        """Completions of the policy for a batch of prompts (``group_size`` each, default the module's), each from
+        its own seed; the engine is told to free what it holds once sampling is done."""
+        with self.sampling_context():
+            experience = self.rollout_stage.sample(self.model, prompts, self.sampling_stream(), group_size)
+        self.rollout_stage.generator.release()
+        return experience
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -309,23 +256,24 @@ class GRPOModule(AlignModule):
         self, rollout: GroupRollout, prompt_idx: Sequence[int], n_tokens: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GRPO's loss on the prompts ``prompt_idx`` of ``rollout`` (all their completions), with its statistics."""
-        g, width = self.group_size, rollout.completion_mask.shape[1]
-        rows = torch.tensor([p * g + k for p in prompt_idx for k in range(g)], device=self.device)
-        batch = self.collate([rollout.examples[p] for p in prompt_idx])
-        logps, entropy = self.completion_logps(self.model, batch, width, entropy=True)
+        experience = rollout.experience
+        rows = experience.rows(prompt_idx).to(self.device)
+        batch = self.rollout_stage.pack(experience, prompt_idx, self.device)
+        logps, entropy, _ = self.rollout_stage.completion_logps(self.model, batch, experience.width, entropy=True)
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         loss, stats = grpo_policy_loss(
             logps, pick(rollout.old_logps), rollout.advantages[rows], rollout.loss_mask[rows],
             ref_logps=pick(rollout.ref_logps), kl_coef=self.kl_coef, clip_eps=self.clip_eps,
             clip_eps_high=self.clip_eps_high, loss_type=self.loss_type, max_completion_length=self.max_new_tokens,
-            n_tokens=n_tokens,
+            n_tokens=n_tokens, token_weights=pick(rollout.token_weights),
         )  # fmt: skip
         return loss, {**stats, "policy_loss": loss.detach(), "entropy": entropy.mean()}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
+        experience = rollout.experience
         optimizer = self.optimizers()
-        n_prompts = len(rollout.examples)
+        n_prompts = len(experience.prompt_ids)
         step = self.mini_batch_size or n_prompts
         n_steps = -(-n_prompts // step)
         n_tokens = None
@@ -340,21 +288,23 @@ class GRPOModule(AlignModule):
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()  # clipped in on_before_optimizer_step, after any AMP unscaling
+                self.rollout_stage.generator.weights_changed()
                 for key, value in parts.items():
                     stats.setdefault(key, []).append(value.detach())
         for config in self.trainer.lr_scheduler_configs:
             config.scheduler.step()
-        mask = rollout.completion_mask.float()
+        mask, rewards = experience.completion_mask.float(), experience.rewards
         values = {
-            "reward_mean": rollout.rewards.mean(),
-            "reward_std": rollout.rewards.std() if rollout.rewards.numel() > 1 else torch.zeros(()),
+            "reward_mean": rewards.mean(),
+            "reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
             "zero_std_fraction": rollout.zero_std.float().mean(),
             "response_length": mask.sum(-1).mean(),
-            "no_eos_fraction": (~rollout.has_eos).float().mean(),
+            "no_eos_fraction": (~experience.has_eos).float().mean(),
             **{k: torch.stack(v).mean() for k, v in stats.items()},
+            **(rollout.mismatch or {}),
         }
-        if rollout.rewards_per_fn.shape[1] > 1:
-            values.update({f"reward_{i}": col.mean() for i, col in enumerate(rollout.rewards_per_fn.unbind(-1))})
+        if experience.scores.shape[1] > 1:
+            values.update({f"reward_{i}": col.mean() for i, col in enumerate(experience.scores.unbind(-1))})
         for name, value in values.items():
             metric = self.train_metrics[name]
             metric(value.to(self.device).float())
@@ -363,12 +313,11 @@ class GRPOModule(AlignModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """One sampled completion per prompt: its mean reward and length."""
-        examples, mask, completions = self.sample(batch, 1)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True) if self.reward_fns else []
-        per_fn = self.compute_rewards(batch["prompt_text"], texts, {} if self.reward_fns else self.collate(examples),
-                                      batch.get("references"))  # fmt: skip
-        rewards = (per_fn * self.reward_weights.to(per_fn.device)).sum(-1)
+        experience = self.sample(batch, group_size=1)
+        packed = [] if self.rollout_stage.reward_fns else [self.rollout_stage.pack(experience, device=self.device)]
+        scores = self.rollout_stage.score(experience, self.reward_model, self.reward_offset, packed).scores
+        rewards = (scores * self.rollout_stage.reward_weights.to(scores.device)).sum(-1)  # no missing-EOS penalty
         real = real_rows(batch, len(rewards), self.device)
-        for name, value in (("reward_mean", rewards), ("response_length", mask.float().sum(-1))):
+        for name, value in (("reward_mean", rewards), ("response_length", experience.completion_mask.float().sum(-1))):
             self.val_metrics[name].update(value[real])  # per prompt: the mean over every held-out prompt
             self.log(f"val/{name}", self.val_metrics[name])

@@ -11,26 +11,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_align.forward import backbone_hidden_states, labelled_nll, score_head, unembedding_logps
-from lit_align.generation import Generator, HFGenerator
+from lit_align.forward import backbone_hidden_states, eval_mode, labelled_nll, score_head
 from lit_align.losses import (
     gae,
     kl_penalty,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
+    truncated_importance_weights,
     whiten,
 )
 from lit_align.models import OFFSET_KEY, load_frozen_reward_model, unwrap_model
 from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
-from lit_align.ops import completion_mask, position_ids_from_mask
 from lit_align.optim import WarmupCosineLR, default_optimizer
 from lit_align.parallel import fsdp_root, run_forward
-from lit_align.rewards import RewardFunction, score_text
+from lit_align.rewards import RewardFunction
+from lit_align.rollout import Experience, Generator, RolloutStage, to_completions
 
 
 # ----- KL controllers ----------------------------------------------------------------------------------------------
@@ -72,22 +72,26 @@ class AdaptiveKLController(FixedKLController):
 
 # ----- rollouts -------------------------------------------------------------------------------------------------------
 @dataclass
-class Rollout:
-    """One batch of sampled responses and everything PPO needs about them. ``[B, ...]`` tensors; ``R`` response
-    positions (right-padded), ``P`` prompt positions (left-padded)."""
+class PPORollout:
+    """A batch's :class:`~lit_align.rollout.Experience` (one completion per prompt: ``B`` completions of at most
+    ``R`` tokens) and everything PPO computes from it, all ``[B, R]`` (0 past each completion's end) or ``[B]``."""
 
-    sequences: dict[str, torch.Tensor]  # input_ids / attention_mask / position_ids of prompt + response, [B, P + R]
-    prompt_length: int
-    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
-    logps: torch.Tensor  # [B, R] log-probs of the sampled tokens under the policy when sampled
-    ref_logps: torch.Tensor  # [B, R]
-    values: torch.Tensor  # [B, R]
+    experience: Experience
+    logps: torch.Tensor  # log-probs of the sampled tokens under the policy when sampled
+    ref_logps: torch.Tensor
+    values: torch.Tensor
     scores: torch.Tensor  # [B] reward model / function scores, as scored (before any penalty or normalisation)
-    rewards: torch.Tensor  # [B, R] per-token rewards: score at the last token minus kl_coef * KL
-    advantages: torch.Tensor  # [B, R]
-    returns: torch.Tensor  # [B, R]
-    kl: torch.Tensor  # [B, R] per-token KL estimate
-    has_eos: torch.Tensor  # [B] bool
+    rewards: torch.Tensor  # per-token rewards: score at the last token minus kl_coef * KL
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor  # per-token KL estimate
+    entropy: torch.Tensor  # [] mean entropy of the sampled tokens' distributions
+    token_weights: torch.Tensor | None = None  # truncated importance weights against the sampler, if asked
+    mismatch: dict[str, torch.Tensor] | None = None  # the sampler's log-probs against the trainer's
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.experience.completion_mask
 
 
 class ValueHead(nn.Module):
@@ -135,14 +139,19 @@ class PPOModule(AlignModule):
         normalize_scores: standardise the scores of each rollout batch (zero mean, unit variance) before the KL
             penalty is added; the logged ``reward_mean`` stays the raw score.
         whiten_advantages: normalise advantages per rollout batch.
-        ppo_epochs: passes over each rollout batch.
-        mini_batch_size: sequences per PPO mini-batch (and per forward micro-batch in the rollout).
+        num_iterations: passes over each rollout batch (PPO's epochs; ``ppo_epochs`` is its deprecated name).
+        mini_batch_size: prompts (each with its completion) per PPO mini-batch, and per forward micro-batch in the
+            rollout: the same unit as GRPO's.
         clip_eps, value_clip_eps: PPO's ratio clip and the value clip.
         gamma, lam: GAE discount and lambda.
         ptx_coef: weight of the pre-training log-likelihood (InstructGPT's gamma; needs ``pretrain_data`` on the
             ``PromptDataModule``). 0 turns PPO-ptx off.
         max_grad_norm: gradient clipping for both optimizers (``None``: none).
-        generator: the sampling engine (default Hugging Face ``generate``).
+        generator: the sampling engine (default :class:`~lit_align.rollout.HFGenerator`, Hugging Face ``generate``;
+            :class:`~lit_align.rollout.VLLMGenerator` for vLLM).
+        tis_cap: with a generator that returns its own log-probs (vLLM), weight each token's surrogate by the
+            truncated importance ratio ``min(pi_trainer / pi_sampler, tis_cap)``; ``None``: no correction (the
+            mismatch is still logged as ``train/logp_diff_mean`` and ``_max``).
         sampling_seed: the seed completions are sampled from, each completion from its own seed hashed from this,
             the batch and its prompt (so sampling is the same on any number of devices and in a resumed run);
             ``None``: the run's ``seed_everything`` seed.
@@ -173,7 +182,7 @@ class PPOModule(AlignModule):
         reward_clip: float | None = None,
         normalize_scores: bool = False,
         whiten_advantages: bool = True,
-        ppo_epochs: int = 4,
+        num_iterations: int = 4,
         mini_batch_size: int = 4,
         clip_eps: float = 0.2,
         value_clip_eps: float = 0.2,
@@ -182,11 +191,17 @@ class PPOModule(AlignModule):
         ptx_coef: float = 0.0,
         max_grad_norm: float | None = 1.0,
         generator: Generator | None = None,
+        tis_cap: float | None = None,
         sampling_seed: int | None = None,
         disable_dropout: bool = True,
+        ppo_epochs: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if ppo_epochs is not None:
+            rank_zero_warn("PPOModule(ppo_epochs=...) is deprecated: it is num_iterations, as in GRPOModule",
+                           DeprecationWarning)  # fmt: skip
+            num_iterations = ppo_epochs
         if disable_dropout and self.residual_dropout:
             raise ValueError("residual_dropout needs disable_dropout: false (PPO disables dropout by default)")
         if reward_fn is None and reward_model is None:
@@ -202,7 +217,7 @@ class PPOModule(AlignModule):
             ("value_lr", value_lr, value_lr is None or value_lr > 0, "positive"),
             *sampling_checks(max_new_tokens, temperature, top_p),
             ("reward_clip", reward_clip, reward_clip is None or reward_clip > 0, "positive"),
-            ("ppo_epochs", ppo_epochs, ppo_epochs >= 1, "at least 1"),
+            ("num_iterations", num_iterations, num_iterations >= 1, "at least 1"),
             ("mini_batch_size", mini_batch_size, mini_batch_size >= 1, "at least 1"),
             ("clip_eps", clip_eps, clip_eps > 0, "positive"),
             ("value_clip_eps", value_clip_eps, value_clip_eps > 0, "positive"),
@@ -210,22 +225,26 @@ class PPOModule(AlignModule):
             ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
             ("ptx_coef", ptx_coef, ptx_coef >= 0, ">= 0"),
             ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "positive"),
+            ("tis_cap", tis_cap, tis_cap is None or tis_cap >= 1, "at least 1"),
         )
         self.automatic_optimization = False
         self.reward_model_name = reward_model if reward_fn is None else None
-        self.reward_fn, self.value_model_kind, self.value_lr = reward_fn, value_model, value_lr
+        self.value_model_kind, self.value_lr = value_model, value_lr
         self.kl_estimator = kl_estimator
         self.kl_controller = (
             AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
         )
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
-        self.normalize_scores = normalize_scores
-        self.whiten_advantages, self.ppo_epochs, self.mini_batch_size = whiten_advantages, ppo_epochs, mini_batch_size
+        self.reward_clip, self.normalize_scores = reward_clip, normalize_scores
+        self.whiten_advantages, self.num_iterations = whiten_advantages, num_iterations
+        self.mini_batch_size, self.tis_cap = mini_batch_size, tis_cap
         self.clip_eps, self.value_clip_eps, self.gamma, self.lam = clip_eps, value_clip_eps, gamma, lam
         self.ptx_coef, self.max_grad_norm, self.disable_dropout = ptx_coef, max_grad_norm, disable_dropout
-        self.generator = generator or HFGenerator()
         self.sampling_seed = sampling_seed
+        # one completion per prompt: one row each (nothing to share)
+        self.rollout_stage = RolloutStage(
+            self.tokenizer, generator, 1, max_new_tokens, temperature, top_p, share_prompt=False,
+            reward_fns=[reward_fn] if reward_fn is not None else [], missing_eos_penalty=missing_eos_penalty,
+        )  # fmt: skip
         self.ref_model: nn.Module | None = None
         self.reward_model: nn.Module | None = None
         self.value_model: nn.Module | None = None
@@ -234,6 +253,8 @@ class PPOModule(AlignModule):
             "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss",
             "value_loss", "explained_variance", "response_length", "no_eos_fraction", "ptx_loss",
         )  # fmt: skip
+        if generator is not None and generator.returns_logps:
+            names += ("logp_diff_mean", "logp_diff_max")
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "kl", "response_length")})
 
@@ -268,128 +289,75 @@ class PPOModule(AlignModule):
 
     def optimizer_steps_per_batch(self) -> int:
         prompts = getattr(self.trainer.datamodule, "batch_size", None) or 1
-        return 2 * self.ppo_epochs * -(-prompts // self.mini_batch_size)  # a policy and a value step each
+        return 2 * self.num_iterations * -(-prompts // self.mini_batch_size)  # a policy and a value step each
 
-    # ----- per-token quantities --------------------------------------------------------------------------------------
-    def _response_positions(self, rollout_mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, ...]:
-        rows, offsets = rollout_mask.nonzero(as_tuple=True)
-        return rows, offsets, prompt_length - 1 + offsets  # the position whose output predicts response token j
+    @property
+    def value_is_head(self) -> bool:
+        return isinstance(unwrap_model(self.value_model), ValueHead)
 
-    def token_logps(
-        self, model: nn.Module, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
-        entropy: bool = False,
-    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """``([B, R] log-probs of the response tokens, [B, T, H] hidden states[, [M] entropies])`` under ``model`` at
-        the sampling temperature (the distribution the tokens were drawn from); the unembedding runs only at the
-        positions that predict response tokens."""
-
-        def forward() -> tuple[torch.Tensor, ...]:
-            hidden = backbone_hidden_states(model, sequences)
-            rows, offsets, cols = self._response_positions(response_mask, prompt_length)
-            targets = sequences["input_ids"][rows, cols + 1]
-            out = unembedding_logps(
-                model, hidden[rows, cols], targets, temperature=self.temperature, return_entropy=entropy
-            )
-            values = out[0] if entropy else out
-            logps = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
-            logps = logps.index_put((rows, offsets), values)
-            return (logps, hidden, out[1]) if entropy else (logps, hidden)
-
-        return run_forward(fsdp_root(model), forward)
-
+    # ----- values -------------------------------------------------------------------------------------------------
     def token_values(
-        self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
-        policy_hidden: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
-        """``[B, R]`` value estimates at the positions that predict each response token."""
+        self, batch: Mapping[str, torch.Tensor], width: int, policy_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[n, width]`` value estimates at the positions that predict each completion token of a packed ``batch``
+        (the value head reads the policy's hidden states there, detached)."""
 
         def forward() -> torch.Tensor:
-            rows, offsets, cols = self._response_positions(response_mask, prompt_length)
-            if isinstance(unwrap_model(self.value_model), ValueHead):
+            if self.value_is_head:
                 hidden = policy_hidden.detach()
             else:
-                hidden = backbone_hidden_states(self.value_model, sequences)
-            values = score_head(self.value_model)(hidden[rows, cols]).squeeze(-1).float()
-            out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
-            return out.index_put((rows, offsets), values)
+                hidden = backbone_hidden_states(self.value_model, batch)[batch["target_row"], batch["target_col"]]
+            return score_head(self.value_model)(hidden).squeeze(-1).float()
 
-        return run_forward(fsdp_root(self.value_model), forward)
-
-    def score(self, sequences: Mapping[str, torch.Tensor], response_mask: torch.Tensor, prompt_length: int,
-              prompts: Sequence[str], responses: Sequence[str],
-              references: Sequence[str] | None = None) -> torch.Tensor:  # fmt: skip
-        """``[B]`` scores: ``reward_fn`` on text, or the reward model at each response's last token."""
-        if self.reward_fn is not None:
-            return score_text(self.reward_fn, prompts, responses, references).to(self.device)
-
-        def forward() -> torch.Tensor:
-            hidden = backbone_hidden_states(self.reward_model, sequences)
-            last = prompt_length - 1 + response_mask.sum(-1).clamp(min=1)
-            rows = torch.arange(len(last), device=last.device)
-            return score_head(self.reward_model)(hidden[rows, last]).squeeze(-1).float()
-
-        return run_forward(fsdp_root(self.reward_model), forward) - self.reward_offset
+        return to_completions(run_forward(fsdp_root(self.value_model), forward), batch, width)
 
     # ----- the rollout ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, prompts: Mapping[str, Any]) -> Rollout:
-        """Sample a response to every prompt and compute log-probs, reference log-probs, values, rewards and
-        advantages, in micro-batches of ``mini_batch_size``."""
-        tok = self.tokenizer
-        was_training = self.model.training
-        self.model.eval()
-        self.value_model.eval()  # no dropout in the old values either
+    def sample(self, prompts: Mapping[str, Any]) -> Experience:
+        """A completion of the policy for each prompt, from its own seed; the engine is told to free what it holds
+        once sampling is done."""
         with self.sampling_context():
-            responses = self.generator(
-                self.model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature, top_p=self.top_p, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, seeds=self.completion_seeds(prompts, 1),
-            )  # fmt: skip
-        response_mask = completion_mask(responses, tok.eos_token_id)
-        responses = responses.masked_fill(response_mask == 0, tok.pad_token_id)
-        prompt_length = prompts["input_ids"].shape[1]
-        attention_mask = torch.cat([prompts["attention_mask"], response_mask], 1)
-        sequences = {
-            "input_ids": torch.cat([prompts["input_ids"], responses], 1),
-            "attention_mask": attention_mask,
-            "position_ids": position_ids_from_mask(attention_mask),
-        }
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logps", "ref_logps", "values", "scores", "ent")}
-        texts = tok.batch_decode(responses, skip_special_tokens=True) if self.reward_fn is not None else None
-        for start in range(0, responses.shape[0], self.mini_batch_size):
-            part = slice(start, start + self.mini_batch_size)
-            seq = {k: v[part] for k, v in sequences.items()}
-            mask = response_mask[part]
-            logps, hidden, entropy = self.token_logps(self.model, seq, mask, prompt_length, entropy=True)
-            parts["logps"].append(logps)
-            parts["ent"].append(entropy)
-            parts["ref_logps"].append(self.token_logps(self.ref_model, seq, mask, prompt_length)[0])
-            parts["values"].append(self.token_values(seq, mask, prompt_length, hidden))
-            text = texts[part] if texts is not None else None
-            references = prompts["references"][part] if "references" in prompts else None
-            parts["scores"].append(self.score(seq, mask, prompt_length, prompts["prompt_text"][part], text, references))
-        logps, ref_logps, values, scores = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values", "scores"))
-        raw_scores = scores
-        has_eos = ((responses == tok.eos_token_id) & (response_mask == 1)).any(-1)
-        if self.missing_eos_penalty is not None:
-            scores = scores - self.missing_eos_penalty * (~has_eos).float()
+            experience = self.rollout_stage.sample(self.model, prompts, self.sampling_stream())
+        self.rollout_stage.generator.release()
+        return experience
+
+    @torch.no_grad()
+    def rollout(self, prompts: Mapping[str, Any]) -> PPORollout:
+        """Sample a response to every prompt and compute log-probs, reference log-probs, values, rewards and
+        advantages, in micro-batches of ``mini_batch_size`` prompts."""
+        stage = self.rollout_stage
+        experience = self.sample(prompts)
+        n, width, step = len(experience.prompt_ids), experience.width, self.mini_batch_size
+        batches = [stage.pack(experience, range(s, min(s + step, n)), self.device) for s in range(0, n, step)]
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logps", "ref_logps", "values", "entropy")}
+        with eval_mode(self.model), eval_mode(self.value_model):  # no dropout in the old values either
+            for batch in batches:
+                out = stage.completion_logps(self.model, batch, width, entropy=True, hidden=self.value_is_head)
+                parts["logps"].append(out.logps)
+                parts["entropy"].append(out.entropy)
+                parts["ref_logps"].append(stage.completion_logps(self.ref_model, batch, width).logps)
+                parts["values"].append(self.token_values(batch, width, out.hidden))
+        logps, ref_logps, values = (torch.cat(parts[k]) for k in ("logps", "ref_logps", "values"))
+        stage.score(experience, self.reward_model, self.reward_offset, batches)
+        mask = experience.completion_mask
+        raw_scores, scores = experience.scores[:, 0], experience.rewards  # rewards: less the missing-EOS penalty
         if self.normalize_scores:  # over every rank's scores (one device with the whole batch would)
             mean, var = self.global_moments(scores, torch.ones_like(scores))
             scores = (scores - mean) * torch.rsqrt(var + 1e-8)
         if self.reward_clip is not None:
             scores = scores.clamp(-self.reward_clip, self.reward_clip)
-        kl = kl_penalty(logps, ref_logps, self.kl_estimator) * response_mask
+        kl = kl_penalty(logps, ref_logps, self.kl_estimator) * mask
         rewards = -self.kl_controller.value * kl
-        last = (response_mask.sum(-1) - 1).clamp(min=0)
+        last = (mask.sum(-1) - 1).clamp(min=0)
         rewards[torch.arange(len(last), device=last.device), last] += scores
-        advantages, returns = gae(rewards, values, response_mask, self.gamma, self.lam)
+        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = whiten(advantages, response_mask, moments=self.global_moments(advantages, response_mask))
-        self.model.train(was_training)
-        self.value_model.train(was_training)
-        self._entropy = torch.cat(parts["ent"]).mean() if parts["ent"] else torch.zeros(())
-        return Rollout(sequences, prompt_length, response_mask, logps, ref_logps, values, raw_scores, rewards,
-                       advantages, returns, kl, has_eos)  # fmt: skip
+            advantages = whiten(advantages, mask, moments=self.global_moments(advantages, mask))
+        token_weights = None
+        if self.tis_cap is not None and experience.sampler_logps is not None:
+            token_weights = truncated_importance_weights(logps, experience.sampler_logps, mask, self.tis_cap)
+        entropy = torch.cat(parts["entropy"]).mean() if parts["entropy"] else torch.zeros(())
+        return PPORollout(experience, logps, ref_logps, values, raw_scores, rewards, advantages, returns, kl, entropy,
+                          token_weights, stage.mismatch(experience, logps))  # fmt: skip
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -416,46 +384,56 @@ class PPOModule(AlignModule):
         if self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
-    def ppo_update(self, rollout: Rollout, ptx_batch: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
-        """``ppo_epochs`` passes of policy and value steps over mini-batches of ``rollout``."""
+    def ppo_update(self, rollout: PPORollout, ptx_batch: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
+        """``num_iterations`` passes of policy and value steps over mini-batches of ``rollout``."""
         policy_opt, value_opt = self.optimizers()
         stats: dict[str, list[float]] = {k: [] for k in ("clip_fraction", "approx_kl", "policy_loss", "value_loss",
                                                           "ptx_loss")}  # fmt: skip
-        n = rollout.response_mask.shape[0]
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(n, device=rollout.response_mask.device)
+        n = rollout.mask.shape[0]
+        for _ in range(self.num_iterations):
+            order = torch.randperm(n).tolist()
             for start in range(0, n, self.mini_batch_size):
                 idx = order[start : start + self.mini_batch_size]
-                loss, hidden, parts = self.policy_objective(rollout, idx, ptx_batch)
+                batch = self.rollout_stage.pack(rollout.experience, idx, self.device)
+                loss, hidden, parts = self.policy_objective(rollout, idx, ptx_batch, batch)
                 self._optimizer_step(policy_opt, loss)
-                seq = {k: v[idx] for k, v in rollout.sequences.items()}
-                mask = rollout.response_mask[idx]
-                values = self.token_values(seq, mask, rollout.prompt_length, hidden)
-                value_loss, _ = ppo_value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
-                                               self.value_clip_eps, n_tokens=self.rank_share(mask.sum()))  # fmt: skip
+                self.rollout_stage.generator.weights_changed()
+                rows = torch.tensor(idx, device=self.device)
+                values = self.token_values(batch, rollout.experience.width, hidden)
+                value_loss, _ = ppo_value_loss(
+                    values, rollout.values[rows], rollout.returns[rows], rollout.mask[rows], self.value_clip_eps,
+                    n_tokens=self.rank_share(rollout.mask[rows].sum()),
+                )  # fmt: skip
                 self._optimizer_step(value_opt, value_loss)
                 for key, value in {**parts, "value_loss": value_loss}.items():
                     stats[key].append(float(value.detach()))
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
     def policy_objective(
-        self, rollout: Rollout, idx: torch.Tensor, ptx_batch: Mapping[str, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The policy's loss on the rollout rows ``idx``: PPO's clipped surrogate plus ``ptx_coef`` times the
-        pre-training NLL of ``ptx_batch`` (PPO-ptx, Ouyang et al. 2022 eq. 2). Returns ``(loss, hidden states,
-        parts)``."""
-        seq = {k: v[idx] for k, v in rollout.sequences.items()}
-        mask = rollout.response_mask[idx]
-        logps, hidden = self.token_logps(self.model, seq, mask, rollout.prompt_length)
-        policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-            logps, rollout.logps[idx], rollout.advantages[idx], mask, self.clip_eps, self.rank_share(mask.sum())
+        self, rollout: PPORollout, idx: Sequence[int], ptx_batch: Mapping[str, torch.Tensor] | None,
+        batch: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:  # fmt: skip
+        """The policy's loss on the rollout rows ``idx`` (packed, unless ``batch`` holds them packed already): PPO's
+        clipped surrogate plus ``ptx_coef`` times the pre-training NLL of ``ptx_batch`` (PPO-ptx, Ouyang et al. 2022
+        eq. 2). Returns ``(loss, the policy's hidden states at the completion tokens (for a value head), parts)``."""
+        idx = [int(i) for i in idx]
+        batch = batch if batch is not None else self.rollout_stage.pack(rollout.experience, idx, self.device)
+        rows = torch.tensor(idx, device=self.device)
+        mask = rollout.mask[rows]
+        out = self.rollout_stage.completion_logps(
+            self.model, batch, rollout.experience.width, hidden=self.value_is_head
         )
+        weights = None if rollout.token_weights is None else rollout.token_weights[rows]
+        policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
+            out.logps, rollout.logps[rows], rollout.advantages[rows], mask, self.clip_eps,
+            self.rank_share(mask.sum()), token_weights=weights,
+        )  # fmt: skip
         parts = {"policy_loss": policy_loss, "clip_fraction": clip_fraction, "approx_kl": approx_kl}
         loss = policy_loss
         if self.ptx_coef > 0 and ptx_batch is not None:
             parts["ptx_loss"] = self.ptx_loss(ptx_batch)
             loss = loss + self.ptx_coef * parts["ptx_loss"]
-        return loss, hidden, parts
+        return loss, out.hidden, parts
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         prompts, ptx_batch = (batch["prompts"], batch.get("ptx")) if "prompts" in batch else (batch, None)
@@ -463,7 +441,7 @@ class PPOModule(AlignModule):
         stats = self.ppo_update(rollout, ptx_batch)
         for config in self.trainer.lr_scheduler_configs:
             config.scheduler.step()
-        mask = rollout.response_mask.float()
+        mask = rollout.mask.float()
         kl_per_sequence = (rollout.kl * mask).sum(-1)
         # every rank moves the coefficient by the same, global, measurement
         global_kl = self.trainer.strategy.reduce(kl_per_sequence.mean(), reduce_op="mean")
@@ -477,11 +455,12 @@ class PPOModule(AlignModule):
             "reward_std": rollout.scores.std(unbiased=False),
             "kl": kl_per_sequence.mean(),
             "kl_coef": torch.tensor(self.kl_controller.value),
-            "entropy": self._entropy,
+            "entropy": rollout.entropy,
             "explained_variance": explained,
             "response_length": mask.sum(-1).mean(),
-            "no_eos_fraction": (~rollout.has_eos).float().mean(),
+            "no_eos_fraction": (~rollout.experience.has_eos).float().mean(),
             **{k: torch.tensor(v) for k, v in stats.items()},
+            **(rollout.mismatch or {}),
         }
         for name, value in values.items():
             metric = self.train_metrics[name]
@@ -491,14 +470,13 @@ class PPOModule(AlignModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
-        mask = rollout.response_mask.float()
+        mask = rollout.mask.float()
         real = real_rows(batch, len(mask), self.device)
         for name, value in (("reward_mean", rollout.scores), ("kl", (rollout.kl * mask).sum(-1)),
                             ("response_length", mask.sum(-1))):  # fmt: skip
             self.val_metrics[name].update(value[real])  # per prompt: the mean over every held-out prompt
             self.log(f"val/{name}", self.val_metrics[name])
 
-    # ----- export ----------------------------------------------------------------------------------------------------
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
         """The policy as :meth:`AlignModule.export_hf` saves it, and the trained value model in ``value_model/``
         under it: a ``*ForSequenceClassification`` directory (``value_model="reward"``) whose scalar head, applied

@@ -1,5 +1,5 @@
-"""Sampling for the on-policy methods (PPO, GRPO): a small ``Generator`` interface and its Hugging Face
-implementation."""
+"""Sampling engines behind one small interface (:class:`Generator`), and keyed sampling: each completion drawn from
+its own seed (:func:`completion_seeds`), whatever the engine, the batch or the ranks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -34,12 +34,25 @@ def completion_seeds(*stream: Any, keys: Sequence[int], num_samples: int) -> tor
     return torch.tensor(seeds, dtype=torch.int64)
 
 
+class Completions(NamedTuple):
+    """What a :class:`Generator` returns: ``ids`` ``[N, R]`` completion token ids (anything may follow a row's first
+    EOS: it is masked), and ``logps`` ``[N, R]``, the sampler's own log-probabilities of those tokens (at the
+    sampling temperature), or ``None`` when the engine is the trainer's own model."""
+
+    ids: torch.Tensor
+    logps: torch.Tensor | None = None
+
+
 class Generator:
     """Samples completions: a small interface so that a faster engine (vLLM, ...) can replace Hugging Face
-    ``generate`` without touching the maths. From ``[B, P]`` left-padded prompts it returns ``[B * num_samples, R]``
-    completion ids, the ``num_samples`` completions of a prompt consecutive; after a row's first EOS anything may
-    follow (it is masked). ``seeds`` (``[B * num_samples]``, see :func:`completion_seeds`) make each completion a
-    function of its own seed. Subclass it (configs name a subclass with ``class_path``)."""
+    ``generate`` without touching the maths. From ``[B, P]`` left-padded prompts it returns :class:`Completions`,
+    ``B * num_samples`` of them, the ``num_samples`` completions of a prompt consecutive. ``seeds``
+    (``[B * num_samples]``, see :func:`completion_seeds`) make each completion a function of its own seed. Subclass it
+    (configs name a subclass with ``class_path``).
+
+    An engine that keeps its own copy of the policy's weights overrides :meth:`weights_changed` (called after every
+    optimizer step that changes the policy) and :meth:`release` (called when sampling is done, to free what it holds
+    while training)."""
 
     def __call__(
         self,
@@ -54,8 +67,17 @@ class Generator:
         pad_token_id: int,
         num_samples: int = 1,
         seeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> Completions:
         raise NotImplementedError
+
+    #: whether :class:`Completions` carry the engine's own log-probs
+    returns_logps: bool = False
+
+    def weights_changed(self) -> None:
+        """The policy's weights changed (an optimizer step): an engine with its own copy must refresh it."""
+
+    def release(self) -> None:
+        """Sampling is done for now: an engine may free what it holds (its KV cache) while the policy trains."""
 
 
 class KeyedSampling(LogitsProcessor):
@@ -112,7 +134,7 @@ class HFGenerator(Generator):
         self.share_prompt_cache = share_prompt_cache
 
     def __call__(self, model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_token_id,
-                 pad_token_id, num_samples=1, seeds=None) -> torch.Tensor:  # fmt: skip
+                 pad_token_id, num_samples=1, seeds=None) -> Completions:  # fmt: skip
         lm = unwrap_model(model)
         options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)  # fmt: skip
@@ -139,7 +161,7 @@ class HFGenerator(Generator):
             if cache is not None:
                 options[_cache_argument(lm)] = cache
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
-        return out[:, input_ids.shape[1] :]
+        return Completions(out[:, input_ids.shape[1] :])
 
     @staticmethod
     @torch.no_grad()

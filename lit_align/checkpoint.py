@@ -7,6 +7,8 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +52,120 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {path} {problem}; resume from an earlier checkpoint")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint as one dictionary, from a file (checksums verified, ``weights_only``) or from a distributed
-    checkpoint directory (``FSDP2Strategy``'s default: each rank's shard; its SHA-256 manifest verified, the shards
-    consolidated into full tensors in CPU memory). For reading weights (``load_from_checkpoint``, exports); a
-    distributed checkpoint's optimizer states stay in their own layout."""
-    if not os.path.isdir(path):
-        verify_checkpoint(path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-            raise SafeCheckpointIO.explain(path, error) from error
+# What the metadata of a distributed checkpoint may hold: torch's own metadata records, sizes, dtypes, layouts and
+# paths. torch reads that file with plain pickle, so it is checked with this list first.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                 "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "Path")}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
+
+
+def verify_distributed_checkpoint(path: str | os.PathLike) -> None:
+    """Raise a :class:`CheckpointError` naming the file unless a distributed checkpoint directory is safe and intact
+    to read: its SHA-256 manifest (when it has one) holds, and its ``.metadata``, which torch unpickles without
+    restriction, holds nothing but torch's own metadata records (anything else could run code)."""
     from lit_align.checksums import ChecksumError, verify_checksums
 
     try:
         verify_checksums(path)
     except ChecksumError as error:
         raise CheckpointError(str(error)) from None
+    metadata = Path(path) / ".metadata"
+    if not metadata.is_file():
+        raise CheckpointError(f"{path} is not a distributed checkpoint: it has no .metadata")
+    try:
+        with open(metadata, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as error:  # noqa: BLE001 - whatever fails, the file is not one torch wrote
+        raise CheckpointError(f"distributed checkpoint metadata {metadata} is refused or corrupted: {error}") from None
+
+
+@contextmanager
+def safe_distributed_reads() -> Iterator[None]:
+    """Within the block, the non-tensor entries of distributed checkpoints (optimizer hyper-parameters and such,
+    which torch reads with ``torch.load(weights_only=False)``) are read with ``weights_only=True``."""
+    from torch.distributed.checkpoint import default_planner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    original = default_planner.DefaultLoadPlanner.load_bytes
+
+    def load_bytes(self: Any, read_item: Any, value: Any) -> None:  # torch's, with weights_only=True
+        try:
+            data = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            entry = read_item.dest_index.fqn
+            raise CheckpointError(
+                f"a distributed checkpoint entry ({entry}) holds objects that only arbitrary code could rebuild: "
+                "refused (weights_only)"
+            ) from None
+        if self.flatten_state_dict:
+            default_planner.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], data)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = data
+
+    default_planner.DefaultLoadPlanner.load_bytes = load_bytes
+    try:
+        yield
+    except CheckpointException as error:  # torch wraps what failed on each rank: surface ours
+        ours = [e for e, _ in error.failures.values() if isinstance(e, CheckpointError)]
+        if ours:
+            raise ours[0] from None
+        raise
+    finally:
+        default_planner.DefaultLoadPlanner.load_bytes = original
+
+
+def _load_file(path: str | os.PathLike) -> dict[str, Any]:
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise SafeCheckpointIO.explain(path, error) from error
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's dictionary without the need of its weights in memory: from a file (verified, ``weights_only``,
+    memory-mapped), or a distributed checkpoint's ``meta.pt`` (hyper-parameters, loops, callbacks; the directory
+    verified first)."""
+    if not os.path.isdir(path):
+        return _load_file(path)
+    verify_distributed_checkpoint(path)
+    meta = Path(path) / "meta.pt"
+    return _load_file(meta) if meta.is_file() else {}
+
+
+@contextmanager
+def consolidated_checkpoint(path: str | os.PathLike) -> Iterator[Path]:
+    """Within the block, the path of a checkpoint file holding ``path``: ``path`` itself for a file, or for a
+    distributed checkpoint directory (``FSDP2Strategy``'s default: a shard per rank) a temporary file where its
+    shards are consolidated into full tensors, with Lightning's ``meta.pt`` merged in. The directory is verified
+    first (:func:`verify_distributed_checkpoint`); the file is verified when it is read."""
+    if not os.path.isdir(path):
+        yield Path(path)
+        return
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    with tempfile.TemporaryDirectory() as tmp:  # consolidated on disk, then read back as data
-        dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        checkpoint = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
-    meta = Path(path) / "meta.pt"  # what Lightning keeps beside the shards (hyper-parameters, loops, callbacks)
-    if meta.is_file():
-        checkpoint.update(read_checkpoint(meta))
-    return checkpoint
+    meta = read_checkpoint_metadata(path)
+    with tempfile.TemporaryDirectory() as tmp, safe_distributed_reads():
+        target = Path(tmp) / "consolidated.ckpt"
+        dcp_to_torch_save(path, target)
+        checkpoint = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint.update(meta)
+        torch.save(checkpoint, target.with_suffix(".full"))
+        del checkpoint
+        os.replace(target.with_suffix(".full"), target)
+        yield target
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -2,195 +2,62 @@
 
 from __future__ import annotations
 
-import inspect
-import os
-import pickle
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
-from lit_align.checkpoint import SafeCheckpointIO, verify_checkpoint
+from lit_align import security
+from lit_align.checkpoint import CheckpointError, SafeCheckpointIO, read_checkpoint_metadata, safe_distributed_reads
 from lit_align.modules.base import AlignModule
+from lit_align.security import ALLOWED_IMPORTS, ImportRefused
 
-# What a config may name as a class_path. Entries are dotted prefixes: a class defined under one may be used (its own
-# module and qualified name are checked, not only the dotted path the config wrote); anything callable that is not a
-# class must be an entry exactly. Nothing else is imported, let alone instantiated. Extend it for your own code with
-# LIT_ALIGN_ALLOWED_IMPORTS="my_pkg,my_pkg.rewards.make_reward" or ``run(..., allowed_imports=[...])``.
-ALLOWED_IMPORTS = (
-    "lit_align.",
-    "torch.optim.",
-    "lightning.pytorch.callbacks.",
-    "lightning.pytorch.loggers.",
-    "lightning.pytorch.strategies.",
-    "lightning.pytorch.plugins.",
-    "lightning.pytorch.profilers.",
-    "lightning.pytorch.accelerators.",
-    "lightning.fabric.plugins.",
-    "datetime.timedelta",
-)
-
-
-class ImportRefused(ValueError):
-    """A config named something to import that is not on the allow-list, or a class spec where data belongs."""
-
-
-def allowed_imports(extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The allow-list: :data:`ALLOWED_IMPORTS`, ``extra`` and ``LIT_ALIGN_ALLOWED_IMPORTS`` (comma-separated)."""
-    from_env = [p.strip() for p in os.environ.get("LIT_ALIGN_ALLOWED_IMPORTS", "").split(",") if p.strip()]
-    entries = (*ALLOWED_IMPORTS, *extra, *from_env)
-    for entry in entries:
-        if not all(part.isidentifier() for part in entry.rstrip(".").split(".")):
-            raise ValueError(f"allow-list entry {entry!r} is not a dotted import path")
-    return entries
-
-
-def is_allowed(name: str, allowed: Sequence[str]) -> bool:
-    """Whether the dotted ``name`` lies under an allow-list entry (or is one)."""
-    return any(name == entry.rstrip(".") or name.startswith(entry.rstrip(".") + ".") for entry in allowed)
-
-
-def object_refusal(name: str, obj: Any, allowed: Sequence[str]) -> str | None:
-    """Why the object a config's ``name`` resolved to may not be used (``None`` if it may). jsonargparse resolves
-    ``a.b.c`` through attributes, so ``lit_align.cli.os.popen`` reaches ``os.popen``: what counts is the object's own
-    module and qualified name. Classes must lie under an entry; anything else callable must be an entry exactly."""
-    where = f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', None)}"
-    if inspect.isclass(obj):
-        return None if is_allowed(where, allowed) else f"{name} is {where}, which is not on the allow-list"
-    if any(where == entry for entry in allowed):
-        return None
-    return f"{name} is {type(obj).__name__} {where}, not a class; only classes (or callables named exactly) may be used"
-
-
-def _class_spec(value: Any) -> str | None:
-    """The ``class_path`` of a class spec (a mapping that has one) anywhere inside a data value, or ``None``."""
-    if isinstance(value, Mapping) or hasattr(value, "items") and hasattr(value, "keys"):
-        items = dict(value.items())
-        if "class_path" in items:
-            return repr(items["class_path"])
-        values = items.values()
-    elif isinstance(value, (list, tuple)):
-        values = value
-    else:
-        return None
-    return next((spec for spec in map(_class_spec, values) if spec is not None), None)
-
-
-@contextmanager
-def config_guard(allowed: Sequence[str]) -> Iterator[list[str]]:
-    """Within the block, jsonargparse (which reads configs, command lines and checkpoint hyper-parameters) may only
-    import and instantiate allowed classes, and refuses class specs inside data-valued arguments (``Any``, rows of
-    ``train_data``, ``templates``, ``generate_kwargs``: a spec there would otherwise be built too). Three locks:
-    the dotted path is checked before anything is imported; the object it resolves to is checked after; and
-    jsonargparse's own import-path policy is switched to enforcing (deny everything, allow the list). Refusals are
-    collected in the yielded list, so that one swallowed by a union type still stops the run."""
-    import jsonargparse._common as common
-    import jsonargparse._typehints as typehints
-    import jsonargparse._util as util
-
-    original, original_any, refused = util.import_object, typehints.adapt_classes_any, []
-
-    def guarded(name, *args, **kwargs):
-        check = kwargs.get("check_path", args[0] if args else True)  # False: a path from code (a type annotation)
-        if check and isinstance(name, str) and "." in name and not is_allowed(name, allowed):
-            refused.append(f"refusing to import {name}")
-            raise ImportRefused(f"{name!r} is not on lit_align's import allow-list")
-        try:
-            obj = original(name, *args, **kwargs)
-        except common.ImportDenied as denied:  # jsonargparse's own policy found it first (through another path)
-            refused.append(f"refusing to import {name}")
-            raise ImportRefused(str(denied)) from None
-        problem = object_refusal(name, obj, allowed) if check else None
-        if problem is not None:
-            refused.append(f"refusing to import {name} ({problem})")
-            raise ImportRefused(problem)
-        return obj
-
-    def no_specs_in_data(val, typehint, *args, **kwargs):
-        spec = _class_spec(val)
-        if spec is not None:
-            refused.append(f"refusing a class spec (class_path: {spec}) inside a data-valued argument")
-            raise ImportRefused("class specs are not accepted inside data-valued arguments")
-        return original_any(val, typehint, *args, **kwargs)
-
-    # Every jsonargparse module that imported the function by name holds its own reference: patch them all.
-    patched = [m for name, m in list(sys.modules.items()) if name.startswith("jsonargparse") and m is not None
-               and getattr(m, "import_object", None) is original]  # fmt: skip
-    settings = dict(common.parsing_settings)
-    for module in patched:
-        module.import_object = guarded
-    typehints.adapt_classes_any = no_specs_in_data
-    common.parsing_settings["instantiate_subclass_spec_in_any"] = False
-    common.parsing_settings["validate_subclass_spec_in_any"] = True  # so mapping values reach no_specs_in_data
-    common.set_import_path_verdicts(["*"], [entry.rstrip(".") for entry in allowed])
-    try:
-        yield refused
-    finally:
-        for module in patched:
-            module.import_object = original
-        typehints.adapt_classes_any = original_any
-        common.parsing_settings.clear()
-        common.parsing_settings.update(settings)
-
-
-def _refusal(reasons: list[str]) -> str:
-    return (
-        f"{'; '.join(dict.fromkeys(reasons))}. Configs may only name classes defined under "
-        f"{', '.join(ALLOWED_IMPORTS)}, and never inside data. To allow your own code, set "
-        "LIT_ALIGN_ALLOWED_IMPORTS=your_package (comma-separated prefixes)."
-    )
+__all__ = ["ALLOWED_IMPORTS", "AlignCLI", "ImportRefused", "main", "run"]
 
 
 class AlignCLI(LightningCLI):
     """LightningCLI in subclass mode (``--model lit_align.SFTModule`` or your own subclass), with the DataModule's
-    tokenizer linked to the model's so that it is set in one place. Configs may name only allow-listed classes
-    (:data:`ALLOWED_IMPORTS`, see :func:`config_guard`)."""
+    tokenizer linked to the model's so that it is set in one place. Configs, command lines and a resumed checkpoint's
+    hyper-parameters may name only allow-listed classes (:data:`~lit_align.security.ALLOWED_IMPORTS`, see
+    :func:`~lit_align.security.config_guard`); checkpoints load with ``weights_only`` only, verified first."""
 
     def __init__(self, *args, allowed_imports: Sequence[str] = (), **kwargs) -> None:
-        self.allowed_imports = globals()["allowed_imports"](allowed_imports)
+        self.allowed = security.allowed_imports(allowed_imports)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
 
-    @contextmanager
-    def _guarded(self, ckpt_path: Any = None) -> Iterator[None]:
-        with config_guard(self.allowed_imports) as refused:
-            try:
-                yield
-            except SystemExit:
-                if refused:
-                    raise ImportRefused(_refusal(refused)) from None
-                raise
-            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-                if refused:
-                    raise ImportRefused(_refusal(refused)) from None
-                if ckpt_path is None or isinstance(error, ImportRefused):
-                    raise
-                raise SafeCheckpointIO.explain(ckpt_path, error) from error
-        if refused:  # a refusal that a union type swallowed still stops the run
-            raise ImportRefused(_refusal(refused))
-
     def parse_arguments(self, parser, args) -> None:
-        with self._guarded():
+        with security.guarded(self.allowed):
             super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("weights_only") is False:
+            raise CheckpointError("--weights_only false: lit_align loads checkpoints with weights_only=True only")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a resumed checkpoint's hyper-parameters before the Trainer exists, and imports the
-        # class they name: the same checks, the same safety and messages as SafeCheckpointIO.
+        # A resumed checkpoint's hyper-parameters name the model class and its arguments: read them from the
+        # verified file (or a distributed checkpoint's meta.pt) with weights_only, never let them turn on remote
+        # code, and parse them under the same guard as a config.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path is not None and os.path.isfile(path):
-            verify_checkpoint(path)
-        with self._guarded(ckpt_path=path):
-            super()._parse_ckpt_path()
+        if path is None or not Path(path).exists():
+            return
+        hparams = dict(read_checkpoint_metadata(path).get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        for name in security.CALLER_ONLY_HPARAMS:
+            hparams.pop(name, None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        with security.guarded(self.allowed):
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_classes(self) -> None:
-        with self._guarded():
+        with security.guarded(self.allowed):
             super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
@@ -200,10 +67,14 @@ class AlignCLI(LightningCLI):
             connector.checkpoint_io = SafeCheckpointIO()
         return trainer
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        with safe_distributed_reads():  # whatever strategy resumes a distributed checkpoint
+            super()._run_subcommand(subcommand)
+
 
 def run(args: list[str] | None = None, run: bool = True, allowed_imports: Sequence[str] = ()) -> AlignCLI:
     """Parse ``args`` (default: the command line) and, with ``run``, execute the subcommand; returns the CLI.
-    ``allowed_imports`` adds allow-list entries (see :data:`ALLOWED_IMPORTS`)."""
+    ``allowed_imports`` adds allow-list entries (see :data:`~lit_align.security.ALLOWED_IMPORTS`)."""
     return AlignCLI(
         AlignModule,
         L.LightningDataModule,

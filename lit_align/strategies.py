@@ -12,8 +12,13 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from lit_align.checkpoint import CheckpointError, verify_checkpoint
-from lit_align.checksums import ChecksumError, verify_checksums, write_checksums
+from lit_align.checkpoint import (
+    CheckpointError,
+    safe_distributed_reads,
+    verify_checkpoint,
+    verify_distributed_checkpoint,
+)
+from lit_align.checksums import ChecksumError, write_checksums
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -98,17 +103,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             self.barrier("lit_align.checksums_written")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:
+            raise CheckpointError(f"{checkpoint_path}: lit_align loads checkpoints with weights_only=True only")
         path = Path(self.broadcast(checkpoint_path))
         problem = None
         if self.global_rank == 0:  # rank 0 checks the files, every rank gets its verdict
             try:
-                verify_checksums(path) if path.is_dir() else verify_checkpoint(path)
+                verify_distributed_checkpoint(path) if path.is_dir() else verify_checkpoint(path)
             except (ChecksumError, CheckpointError) as error:
                 problem = str(error)
         problem = self.broadcast(problem)
         if problem is not None:
             raise CheckpointError(problem)
-        return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
+        with safe_distributed_reads():
+            return super().load_checkpoint(path, weights_only=True)
 
 
 def sharding_options(strategy: Any) -> dict[str, bool]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -38,19 +39,19 @@ def _trainer(**kwargs):
 EVIL_CONFIGS = {
     "model reaches os.popen through an allowed module's attribute": """
 model:
-  class_path: lit_align.cli.os.popen
+  class_path: lit_align.security.os.popen
   init_args: {cmd: "touch MARKER"}
 """,
     "callback reaches os.popen through an allowed module's attribute": """
 trainer:
   callbacks:
-    - class_path: lit_align.cli.os.popen
+    - class_path: lit_align.security.os.popen
       init_args: {cmd: "touch MARKER"}
 """,
     "logger is pickle.loads through an allowed module": """
 trainer:
   logger:
-    class_path: lit_align.cli.pickle.loads
+    class_path: lit_align.checkpoint.pickle.loads
 """,
     "callback is a class under an allowed prefix but defined elsewhere (the Trainer)": """
 trainer:
@@ -61,20 +62,20 @@ trainer:
     "a function given where an optimizer factory goes": """
 model:
   init_args:
-    optimizer: lit_align.cli.os.system
+    optimizer: lit_align.security.os.system
 """,
     "an allowed class handed a forbidden callable (LambdaCallback)": """
 trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.LambdaCallback
-      init_args: {on_fit_start: lit_align.cli.os.system}
+      init_args: {on_fit_start: lit_align.security.os.system}
 """,
     "an allowed scheduler handed a forbidden callable (LambdaLR)": """
 model:
   init_args:
     lr_scheduler:
       class_path: torch.optim.lr_scheduler.LambdaLR
-      init_args: {lr_lambda: lit_align.cli.os.system}
+      init_args: {lr_lambda: lit_align.security.os.system}
 """,
     "builtins.exec": """
 trainer:
@@ -86,7 +87,7 @@ trainer:
 data:
   init_args:
     train_data:
-      - class_path: lit_align.cli.os.popen
+      - class_path: lit_align.security.os.popen
         init_args: {cmd: "touch MARKER"}
       - {prompt: "a", completion: "b"}
 """,
@@ -96,7 +97,7 @@ data:
     train_data:
       - prompt: "a"
         completion: "b"
-        extra: [{nested: {class_path: lit_align.cli.os.popen, init_args: {cmd: "touch MARKER"}}}]
+        extra: [{nested: {class_path: lit_align.security.os.popen, init_args: {cmd: "touch MARKER"}}}]
 """,
     "class spec of an allowed class in a row of train_data": """
 data:
@@ -109,7 +110,7 @@ data:
   init_args:
     templates:
       task:
-        class_path: lit_align.cli.os.popen
+        class_path: lit_align.security.os.popen
         init_args: {cmd: "touch MARKER"}
 """,
 }
@@ -120,7 +121,7 @@ model:
       class_path: lit_align.rollout.HFGenerator
       init_args:
         generate_kwargs:
-          streamer: {class_path: lit_align.cli.os.popen, init_args: {cmd: "touch MARKER"}}
+          streamer: {class_path: lit_align.security.os.popen, init_args: {cmd: "touch MARKER"}}
 """
 
 
@@ -160,10 +161,10 @@ def test_a_generator_with_plain_generate_kwargs_still_parses(tmp_path):
 def test_checkpoint_hyperparameters_reaching_a_forbidden_callable_are_refused(tmp_path, reliability):
     marker = tmp_path / "MARKER"
     evil = tmp_path / "hparams.ckpt"
-    hparams = {"_class_path": "lit_align.cli.os.popen", "cmd": f"touch {marker}"}
+    hparams = {"_class_path": "lit_align.security.os.popen", "cmd": f"touch {marker}"}
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, evil)
     reliability["faults"] += 1
-    with pytest.raises(ImportRefused, match="lit_align.cli.os.popen"):
+    with pytest.raises(ImportRefused, match="lit_align.security.os.popen"):
         run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(evil),
              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert not marker.exists()
@@ -184,7 +185,7 @@ def test_an_exactly_named_callable_and_user_classes_are_allowed(tmp_path, monkey
     assert any(type(c).__name__ == "Mine" for c in cli.trainer.callbacks)
     import user_callbacks
 
-    from lit_align.cli import object_refusal
+    from lit_align.security import object_refusal
 
     assert object_refusal("user_callbacks.make", user_callbacks.make, ["user_callbacks"]) is not None
     assert object_refusal("user_callbacks.make", user_callbacks.make, ["user_callbacks.make"]) is None
@@ -408,3 +409,96 @@ def test_lightning_plain_values_still_parse_and_checkpoint_class_paths_are_check
         run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(evil),
              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert not marker.exists()
+
+
+# ----- checkpoints whose hyper-parameters or shards try to run code ---------------------------------------------------
+def _remote_code_model(tmp_path: Path, marker: Path) -> Path:
+    """A model directory whose config asks for its own modelling code (which would create ``marker``)."""
+    model_dir = tmp_path / "remote"
+    load_causal_lm("tiny").save_pretrained(model_dir)
+    SFTModule().tokenizer.save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilModel"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "evil_code.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return model_dir
+
+
+def test_a_checkpoint_cannot_turn_on_remote_code(tmp_path, checkpoint, reliability):
+    """Hyper-parameters saying ``trust_remote_code: true`` for a model directory that ships code: neither
+    ``load_from_checkpoint`` nor ``--ckpt_path`` takes that switch from the file (only the caller can set it)."""
+    marker = tmp_path / "MARKER"
+    model_dir = _remote_code_model(tmp_path, marker)
+    state = torch.load(checkpoint, weights_only=True)
+    state["hyper_parameters"].update(
+        model=str(model_dir),
+        trust_remote_code=True,
+        _class_path="lit_align.SFTModule",
+        _instantiator="lightning.pytorch.cli.instantiate_module",
+    )  # as the CLI writes
+    evil = tmp_path / "remote.ckpt"
+    torch.save(state, evil)
+    reliability["faults"] += 1
+    module = SFTModule.load_from_checkpoint(evil)
+    assert module.trust_remote_code is False and not marker.exists()
+    cli = run(["validate", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(evil),
+               "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert cli.model.trust_remote_code is False and cli.model.model_name_or_path == str(model_dir)
+    assert not marker.exists()
+    reliability["survived"] += 1
+
+
+def test_checkpoint_hyperparameters_naming_an_unlisted_class_are_refused_by_load_from_checkpoint(
+    tmp_path, checkpoint, monkeypatch, reliability
+):
+    """Lightning rebuilds a CLI-written checkpoint's hyper-parameters through jsonargparse (``_instantiator``):
+    ``load_from_checkpoint`` holds them to the same allow-list as a config."""
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil_optimizers.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport torch\nclass Opt(torch.optim.SGD):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state = torch.load(checkpoint, weights_only=True)
+    state["hyper_parameters"].update(
+        _instantiator="lightning.pytorch.cli.instantiate_module", _class_path="lit_align.SFTModule",
+        optimizer={"class_path": "evil_optimizers.Opt", "init_args": {"lr": 0.1}},
+    )  # fmt: skip
+    evil = tmp_path / "instantiator.ckpt"
+    torch.save(state, evil)
+    reliability["faults"] += 1
+    with pytest.raises(ImportRefused, match="evil_optimizers"):
+        SFTModule.load_from_checkpoint(evil)
+    assert not marker.exists() and "evil_optimizers" not in sys.modules
+    reliability["survived"] += 1
+
+
+def test_distributed_checkpoints_run_no_code(tmp_path, reliability):
+    """torch reads a distributed checkpoint's ``.metadata`` with plain pickle and its non-tensor entries with
+    ``weights_only=False``: a crafted ``.metadata`` or entry is refused before anything runs, whoever reads it
+    (``load_from_checkpoint``, ``--ckpt_path``)."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "MARKER"
+    entry = tmp_path / "entry.ckpt"
+    dcp.save({"state_dict": {"x": torch.ones(2)}, "evil": _Payload(marker)}, checkpoint_id=str(entry))
+    metadata = tmp_path / "metadata.ckpt"
+    metadata.mkdir()
+    (metadata / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    cases = ((entry, r"entry \(evil\) holds objects .* refused"), (metadata, "metadata .* is refused"))
+    for directory, expected in cases:
+        reliability["faults"] += 1
+        with pytest.raises(CheckpointError, match=expected):
+            SFTModule.load_from_checkpoint(directory)
+        with pytest.raises(CheckpointError):
+            run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--ckpt_path", str(directory),
+                 f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+        assert not marker.exists()
+        reliability["survived"] += 1
+
+
+def test_weights_only_false_is_refused_on_the_command_line(tmp_path, reliability):
+    reliability["bad_inputs"] += 1
+    with pytest.raises(CheckpointError, match="weights_only=True only"):
+        run(["fit", "-c", str(REPO / "configs" / "sft.yaml"), "--weights_only", "false",
+             f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    reliability["named_errors"] += 1

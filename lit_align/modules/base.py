@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
+import pickle
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -472,30 +472,28 @@ class AlignModule(L.LightningModule):
     # ----- checkpoint extras --------------------------------------------------------------------------------------
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool = True, **kwargs: Any):
-        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` (a checkpoint is data, never code), the
-        file's checksums verified first, and an error that names the file when it is refused or damaged. A
-        distributed checkpoint (a directory of shards, as ``FSDP2Strategy`` writes) is consolidated first."""
-        import pickle
-
-        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO, read_checkpoint, verify_checkpoint
+        """Lightning's ``load_from_checkpoint``, made safe: ``weights_only=True`` only (a checkpoint is data, never
+        code), the file's checksums verified first, an error naming the file when it is refused or damaged, the
+        classes its hyper-parameters name held to the config allow-list (:mod:`lit_align.security`), and
+        ``trust_remote_code`` never taken from them (pass it here to trust a model's code). A distributed checkpoint
+        (a directory of shards, as ``FSDP2Strategy`` writes) is verified and consolidated first."""
+        from lit_align import security
+        from lit_align.checkpoint import CheckpointError, SafeCheckpointIO, consolidated_checkpoint, verify_checkpoint
 
         if not weights_only:
             raise CheckpointError(f"{checkpoint_path}: lit_align loads checkpoints with weights_only=True only")
-        if os.path.isdir(checkpoint_path):  # a distributed checkpoint: consolidated, then loaded as any other
-            buffer = io.BytesIO()
-            torch.save(read_checkpoint(checkpoint_path), buffer)
-            buffer.seek(0)
-            checkpoint_path = buffer
-        else:
-            verify_checkpoint(checkpoint_path)
-        try:
-            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
-        except (pickle.UnpicklingError, EOFError) as error:
-            raise SafeCheckpointIO.explain(checkpoint_path, error) from error
-        except RuntimeError as error:
-            if "zip archive" not in str(error) and "corrupted" not in str(error):
-                raise
-            raise SafeCheckpointIO.explain(checkpoint_path, error) from error
+        for name in security.CALLER_ONLY_HPARAMS:
+            kwargs.setdefault(name, False)
+        with consolidated_checkpoint(checkpoint_path) as path, security.guarded():
+            verify_checkpoint(path)
+            try:
+                return super().load_from_checkpoint(path, *args, weights_only=True, **kwargs)
+            except (pickle.UnpicklingError, EOFError) as error:
+                raise SafeCheckpointIO.explain(checkpoint_path, error) from error
+            except RuntimeError as error:
+                if "zip archive" not in str(error) and "corrupted" not in str(error):
+                    raise
+                raise SafeCheckpointIO.explain(checkpoint_path, error) from error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Every rank's RNG streams (every rank builds the checkpoint; one writes it), so that each continues its own.

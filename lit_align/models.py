@@ -125,9 +125,10 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> LlamaCo
 
 @contextmanager
 def empty_weights() -> Iterator[None]:
-    """Within the block, every parameter a module registers is created on the ``meta`` device (no memory, no
-    initialisation); buffers stay real (rotary tables are computed, not stored). The skeleton a rank builds when
-    another rank will hand it the weights."""
+    """Within the block, every parameter a module registers moves to the ``meta`` device as soon as it is registered
+    (its uninitialised storage is freed at once, and the module's initialisation then runs on ``meta``, at no cost);
+    buffers stay real (rotary tables are computed, not stored). The skeleton a rank builds when another rank will
+    hand it the weights."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:

@@ -29,11 +29,21 @@ def is_sharded(model: nn.Module | None) -> bool:
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a transformers model: the classes it names in ``_no_split_modules``, else every module
-    with an attention and an MLP sub-layer."""
+    with an attention and an MLP sub-layer; the outermost only (a matching module inside another is part of it)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        blocks = [m for m in model.modules() if hasattr(m, "mlp") and (hasattr(m, "self_attn") or hasattr(m, "attn"))]
+
+    def is_block(module: nn.Module) -> bool:
+        if names:
+            return type(module).__name__ in names
+        return hasattr(module, "mlp") and (hasattr(module, "self_attn") or hasattr(module, "attn"))
+
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():  # parents before children
+        if id(module) in inside or not is_block(module):
+            continue
+        blocks.append(module)
+        inside |= {id(m) for m in module.modules()}
     return blocks
 
 

@@ -254,4 +254,4 @@ def test_missing_eos_penalty_and_score_normalisation_shape_the_rewards():
     torch.manual_seed(0)
     rollout = module.rollout(batch)
     shaped = rollout.scores - 1.0
-    assert torch.allclose(rollout.rewards.sum(-1), (shaped - shaped.mean()) / shaped.std(unbiased=False), atol=1e-5)
+    assert torch.allclose(rollout.rewards.sum(-1), (shaped - shaped.mean()) / shaped.std(), atol=1e-5)

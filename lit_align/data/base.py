@@ -77,7 +77,8 @@ class ResumableSampler(DistributedSampler):
     def rank_order(self) -> list[int]:
         """This rank's examples of the epoch, in order."""
         order = self.order()
-        order += order[: -len(order) % self.num_replicas] if order else []  # pad: every rank as many examples
+        pad = -len(order) % self.num_replicas  # every rank as many examples: repeat from the start
+        order += (order * (pad // max(len(order), 1) + 1))[:pad] if order else []
         step, mine = self.batch_size * self.num_replicas, []
         for start in range(0, len(order), step):
             batch = order[start : start + step]
@@ -240,7 +241,7 @@ class RecordsDataModule(L.LightningDataModule):
         dataset = list(self.val_dataset or [])
         replicas = self.shard_kwargs()["num_replicas"]
         if replicas > 1 and dataset:
-            dataset += [self.neutral_example(dataset[i]) for i in range(-len(dataset) % replicas)]
+            dataset += [self.neutral_example(dataset[i % len(dataset)]) for i in range(-len(dataset) % replicas)]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -33,7 +33,7 @@ from lit_align.models import (
     unwrap_model,
 )
 from lit_align.optim import WarmupCosineLR, default_optimizer
-from lit_align.parallel import full_state_dict
+from lit_align.parallel import full_state_dict, transformer_blocks
 
 
 @dataclass
@@ -73,7 +73,9 @@ def add_residual_dropout(model: nn.Module, p: float) -> int:
 
     Returns the number of blocks hooked; raises if ``model`` has no block with ``self_attn``/``attn`` and ``mlp``.
     """
-    blocks = [m for m in model.modules() if hasattr(m, "mlp") and (hasattr(m, "self_attn") or hasattr(m, "attn"))]
+    blocks = [
+        b for b in transformer_blocks(model) if hasattr(b, "mlp") and (hasattr(b, "self_attn") or hasattr(b, "attn"))
+    ]
     if not blocks:
         raise ValueError(f"residual_dropout: found no transformer block with attn and mlp in {type(model).__name__}")
     hook = _ResidualDropout(p)
@@ -287,8 +289,7 @@ class AlignModule(L.LightningModule):
     trainable_modules: tuple[str, ...] = ()
 
     def _shard(self, mesh: Any) -> None:
-        from lit_align.parallel import broadcast_weights, is_sharded, materialize, shard
-        from lit_align.strategies import sharding_options
+        from lit_align.parallel import is_sharded
 
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
             raise ValueError(
@@ -296,19 +297,29 @@ class AlignModule(L.LightningModule):
                 "lit_align.strategies.FSDP2Strategy, or ModelParallelStrategy with tensor_parallel_size=1 and "
                 "data_parallel_size equal to the number of devices"
             )
-        mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        options = sharding_options(self.trainer.strategy if self._trainer is not None else None)
         for name in ("model", *self.trainable_modules, *self.frozen_modules):
             module = getattr(self, name, None)
-            if module is None or is_sharded(unwrap_model(module)):
-                continue
-            # the whole weights, on rank 0 only (the others hold a skeleton), kept until they are handed out
-            weights = {k: v for k, v in module.state_dict().items()} if self.trainer.global_rank == 0 else {}
-            if not (name in self.frozen_modules and options["replicate_frozen"]):
-                shard(unwrap_model(module), mesh, options["reshard_after_forward"], frozen=name in self.frozen_modules)
-            if self.trainer.world_size > 1:
-                materialize(module, self.trainer.strategy.root_device)
-                broadcast_weights(module, weights)
+            if module is not None and not is_sharded(unwrap_model(module)):
+                self.distribute(module, frozen=name in self.frozen_modules)
+
+    def distribute(self, module: nn.Module, frozen: bool) -> nn.Module:
+        """Put a model built for this module onto the ranks of its device mesh: sharded with FSDP2 (a frozen one
+        replicated instead when the strategy says so), each rank receiving its part of rank 0's weights (the other
+        ranks built it with :attr:`empty_init`). A collective: every rank calls it. Returns ``module``."""
+        from lit_align.parallel import broadcast_weights, materialize, shard
+        from lit_align.strategies import sharding_options
+
+        mesh = self._device_mesh
+        mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        options = sharding_options(self.trainer.strategy)
+        # the whole weights, on rank 0 only (the others hold a skeleton), kept until they are handed out
+        weights = {k: v for k, v in module.state_dict().items()} if self.trainer.global_rank == 0 else {}
+        if not (frozen and options["replicate_frozen"]):
+            shard(unwrap_model(module), mesh, options["reshard_after_forward"], frozen=frozen)
+        if self.trainer.world_size > 1:
+            materialize(module, self.trainer.strategy.root_device)
+            broadcast_weights(module, weights)
+        return module
 
     def build_model(self) -> nn.Module:
         """Load the network named by ``model`` (a causal LM here; the reward model overrides this)."""
@@ -416,12 +427,18 @@ class AlignModule(L.LightningModule):
             return count.float()
         return self.trainer.strategy.reduce(count.float(), reduce_op="sum") / world
 
-    def global_moments(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, variance)`` of ``values`` where ``mask`` is true, over every data-parallel rank's batch."""
+    def global_moments(
+        self, values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, variance)`` of ``values`` where ``mask`` is true, over every data-parallel rank's batch (the
+        variance with Bessel's correction over the global count when ``unbiased``)."""
         mask = mask.to(values.dtype)
         n = self.rank_share(mask.sum())
         mean = self.rank_share((values * mask).sum()) / n.clamp(min=1)
         var = self.rank_share((((values - mean) ** 2) * mask).sum()) / n.clamp(min=1)
+        if unbiased:
+            total = n * (self.trainer.world_size if self._trainer is not None else 1)
+            var = var * total / (total - 1).clamp(min=1)
         return mean, var
 
     def sampling_stream(self) -> tuple[Any, ...]:

@@ -245,7 +245,12 @@ class DPOModule(AlignModule):
         if self.ref_model_name is None and self.model_name_or_path is None:
             raise RuntimeError("cannot re-create the reference of a policy given as an nn.Module; pass ref_model")
         name = self.ref_model_name or self.model_name_or_path
-        return load_causal_lm(name, self.tokenizer, self.dtype_name, self.trust_remote_code).to(self.device).eval()
+        if getattr(self, "_device_mesh", None) is None:
+            return load_causal_lm(name, self.tokenizer, self.dtype_name, self.trust_remote_code).to(self.device).eval()
+        # sharded like the models configure_model made: rank 0 reads it, the others receive their shards
+        empty = self.trainer.world_size > 1 and self.trainer.global_rank != 0
+        reference = load_causal_lm(name, self.tokenizer, self.dtype_name, self.trust_remote_code, empty=empty)
+        return self.distribute(reference.requires_grad_(False).eval(), frozen=True)
 
     def _compute_reference_logps(
         self, reference: nn.Module, examples: Sequence[Mapping[str, Any]], datamodule: Any

@@ -341,8 +341,8 @@ class PPOModule(AlignModule):
         mask = experience.completion_mask
         raw_scores, scores = experience.scores[:, 0], experience.rewards  # rewards: less the missing-EOS penalty
         if self.normalize_scores:  # over every rank's scores (one device with the whole batch would)
-            mean, var = self.global_moments(scores, torch.ones_like(scores))
-            scores = (scores - mean) * torch.rsqrt(var + 1e-8)
+            mean, var = self.global_moments(scores, torch.ones_like(scores), unbiased=True)
+            scores = (scores - mean) / (var.sqrt() + 1e-8)
         if self.reward_clip is not None:
             scores = scores.clamp(-self.reward_clip, self.reward_clip)
         kl = kl_penalty(logps, ref_logps, self.kl_estimator) * mask

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, Metric
 from transformers import PreTrainedTokenizerBase
 
@@ -128,10 +129,10 @@ class RewardModule(AlignModule):
         return float(self.reward_offset)
 
     def on_fit_end(self) -> None:
-        if self.normalize:
+        if self.normalize:  # every rank goes through the whole set (in order, unsharded): all get the same offset
             dm = self.trainer.datamodule
-            loader = dm.val_dataloader() if dm.val_dataset else dm.train_dataloader()
-            self.calibrate(loader)
+            examples = dm.val_dataset or dm.train_dataset
+            self.calibrate(DataLoader(examples, batch_size=dm.batch_size, collate_fn=dm.collator))
         super().on_fit_end()
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:

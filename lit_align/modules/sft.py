@@ -42,7 +42,8 @@ class SFTModule(AlignModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:  # the mean over the global batch's labelled tokens, not the mean of the ranks' means
             share = self.rank_share(n_tokens)
-            loss, correct, n_tokens = loss * n_tokens / share, self.rank_share(correct), share
+            scale = n_tokens / share if share > 0 else torch.zeros_like(share)  # no labelled token anywhere: 0
+            loss, correct, n_tokens = loss * scale, self.rank_share(correct), share
         # logged as the mean over ranks: the global batch's token-mean loss and accuracy
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=world > 1)
         self.log("train/token_acc", correct / n_tokens.clamp(min=1), batch_size=batch_size, sync_dist=world > 1)

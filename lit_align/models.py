@@ -208,6 +208,39 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], merge: bool) -> dict[str, torch.Tensor]:
+    """From the full state dict of a PEFT model's inner transformers model (LoRA layers in place): with ``merge``,
+    the plain model's state dict with every adapter folded in, ``W + scaling * B @ A`` (transposed for
+    ``fan_in_fan_out`` layers), as ``merge_and_unload`` computes it but without copying the model (``state_dict``
+    may hold only some layers: those are merged); else the adapter alone, keyed as PEFT saves it."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    inner = unwrap_model(model)
+    if not merge:
+        prefixed = {f"base_model.model.{k}": v for k, v in state_dict.items()}
+        return {k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=prefixed).items()}
+    merged = dict(state_dict)
+    for name, layer in inner.named_modules():
+        if not isinstance(layer, LoraLayer) or f"{name}.base_layer.weight" not in merged:
+            continue
+        base = merged.pop(f"{name}.base_layer.weight")
+        for adapter in layer.active_adapters:
+            if layer.use_dora.get(adapter):
+                raise NotImplementedError("merging DoRA adapters into an export is not supported; use merge_lora=False")
+            a = merged.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = merged.pop(f"{name}.lora_B.{adapter}.weight").float()
+            delta = (b @ a) * layer.scaling[adapter]
+            base = base + (delta.T if layer.fan_in_fan_out else delta).to(base.dtype)
+        merged[f"{name}.weight"] = base
+        if f"{name}.base_layer.bias" in merged:
+            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
+    leftover = [k for k in merged if ".lora_" in k]
+    if leftover:
+        raise ValueError(f"cannot merge LoRA weights {leftover[:3]}: not on a LoRA layer")
+    return merged
+
+
 OFFSET_KEY = "lit_align_reward_offset"
 
 

@@ -167,6 +167,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def streamed_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict()`` one whole entry at a time, on every rank, on the model's device: a sharded entry is
+    all-gathered just before it is yielded, so no more than one whole parameter is gathered at a time (to stream
+    weights into a sampling engine). Tied weights appear under each of their names. A collective: every rank must
+    consume it to the end."""
+    for name, value in model.state_dict().items():
+        yield name, full_tensor(value.detach())
+
+
 def materialize(model: nn.Module, device: torch.device | str) -> None:
     """Give a model built with parameters on the ``meta`` device (see :func:`lit_align.models.empty_weights`) real,
     uninitialised storage on ``device`` (its shards only, when sharded); its buffers keep their values."""

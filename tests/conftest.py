@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from lit_align.models import load_tokenizer
+from lit_align.ops import position_ids_from_mask
+from lit_align.rollout import Completions, HFGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -141,3 +143,27 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"{r['resumes']} killed-and-resumed runs, {r['batches_lost']} batches lost, "
             f"{r['batches_duplicated']} duplicated"
         )
+
+
+class LogpsReportingGenerator(HFGenerator):
+    """Hugging Face sampling that also reports the sampler's log-probs, as an engine such as vLLM does: the policy's
+    own (a plain forward of the left-padded prompt and completion, at the sampling temperature) plus ``offset``, a
+    stand-in for a sampler whose numbers differ from the trainer's."""
+
+    returns_logps = True
+
+    def __init__(self, offset: float = 0.0) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def __call__(self, model, input_ids, attention_mask, **kwargs):
+        out = super().__call__(model, input_ids, attention_mask, **kwargs)
+        n = kwargs.get("num_samples", 1)
+        prompts = input_ids.repeat_interleave(n, 0)
+        ids = torch.cat([prompts, out.ids], 1)
+        mask = torch.cat([attention_mask.repeat_interleave(n, 0), torch.ones_like(out.ids)], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        logits = logits[:, prompts.shape[1] - 1 : -1].float() / kwargs["temperature"]
+        logps = logits.log_softmax(-1).gather(-1, out.ids.unsqueeze(-1)).squeeze(-1)
+        return Completions(out.ids, logps + self.offset)

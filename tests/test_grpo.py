@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import precision_setting
+from conftest import LogpsReportingGenerator, precision_setting
 
 from lit_align import GRPOModule, PromptDataModule
-from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss
+from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss, truncated_importance_weights
 from lit_align.rewards import CharacterFractionReward, LengthReward
 from lit_align.rollout import HFGenerator
 
@@ -105,8 +105,10 @@ def test_grpo_kl_term_is_k3_and_ratio_one_without_old_logps():
 
 
 # ----- against TRL --------------------------------------------------------------------------------------------------
-def _trl_grpo_loss(loss_type, beta, logps, old_logps, ref_logps, advantages, mask, eps_low, eps_high, r_max):
-    """TRL's ``GRPOTrainer._compute_loss`` itself, with a stand-in for its per-token log-prob pass."""
+def _trl_grpo_loss(loss_type, beta, logps, old_logps, ref_logps, advantages, mask, eps_low, eps_high, r_max,
+                   is_ratio=None):  # fmt: skip
+    """TRL's ``GRPOTrainer._compute_loss`` itself, with a stand-in for its per-token log-prob pass (``is_ratio``: its
+    vLLM importance-sampling correction's weights)."""
     from trl import GRPOTrainer
 
     accelerator = SimpleNamespace(
@@ -125,7 +127,8 @@ def _trl_grpo_loss(loss_type, beta, logps, old_logps, ref_logps, advantages, mas
         epsilon_low=eps_low,
         epsilon_high=eps_high,
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
-        use_vllm=False,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=is_ratio is not None,
         current_gradient_accumulation_steps=1,
         max_completion_length=r_max,
         accelerator=accelerator,
@@ -145,6 +148,8 @@ def _trl_grpo_loss(loss_type, beta, logps, old_logps, ref_logps, advantages, mas
         inputs["old_per_token_logps"] = old_logps
     if beta != 0.0:
         inputs["ref_per_token_logps"] = ref_logps
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
     return GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
@@ -165,6 +170,32 @@ def test_every_loss_type_matches_trl(loss_type, beta, with_old):
                                clip_eps_high=0.28, loss_type=loss_type, max_completion_length=r)  # fmt: skip
     theirs = _trl_grpo_loss(loss_type, beta, logps, old, ref, advantages, mask, 0.2, 0.28, r)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_truncated_importance_sampling_matches_trls_token_truncate(loss_type):
+    """TIS against a sampler's log-probs: our weights ``min(exp(old - sampler), cap)`` by hand, and the loss with
+    them equals TRL's with its ``token_truncate`` vLLM correction (its ratio computed as TRL does: masked, clamped)."""
+    pytest.importorskip("trl", minversion="1.16")
+    generator = torch.Generator().manual_seed(7)
+    n, r, cap = 6, 5, 2.0
+    logps = -torch.rand(n, r, generator=generator) * 3
+    old = logps + 0.3 * torch.randn(n, r, generator=generator)
+    sampler = old + 0.8 * torch.randn(n, r, generator=generator)
+    ref = logps + 0.5 * torch.randn(n, r, generator=generator)
+    advantages = torch.randn(n, generator=generator)
+    mask = (torch.arange(r) < torch.randint(1, r + 1, (n,), generator=generator)[:, None]).long()
+    weights = truncated_importance_weights(old, sampler, mask, cap)
+    i, j = (mask == 1).nonzero()[0]
+    assert weights[i, j].item() == pytest.approx(min(math.exp(old[i, j] - sampler[i, j]), cap), rel=1e-6)
+    assert (weights[mask == 0] == 1).all() and weights.max() <= cap and (weights == cap).any()
+    ours, _ = grpo_policy_loss(logps, old, advantages, mask, ref_logps=ref, kl_coef=0.04, clip_eps=0.2,
+                               loss_type=loss_type, token_weights=weights)  # fmt: skip
+    trl_ratio = torch.exp((old - sampler) * mask).clamp(max=cap)
+    theirs = _trl_grpo_loss(loss_type, 0.04, logps, old, ref, advantages, mask, 0.2, 0.2, r, is_ratio=trl_ratio)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    plain, _ = grpo_policy_loss(logps, old, advantages, mask, ref_logps=ref, kl_coef=0.04, loss_type=loss_type)
+    assert abs(plain.item() - ours.item()) > 1e-3
 
 
 # ----- the module -----------------------------------------------------------------------------------------------------
@@ -395,6 +426,21 @@ def test_max_steps_counts_optimizer_steps_and_the_schedule_spans_the_run(tmp_pat
     with pytest.raises(ValueError, match="no pre-training mix"):
         data = PromptDataModule(module.tokenizer, pretrain_data="bundled:self_instruct_seed_tasks.jsonl")
         L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(module, data)
+
+
+@pytest.mark.parametrize("offset", [0.0, -0.5])
+def test_a_samplers_own_log_probs_are_compared_with_the_trainers_and_corrected(offset):
+    """With a generator that reports its own log-probs (here the policy's own plus ``offset``): their distance to the
+    trainer's is measured (``rollout/logp_diff_*``), and with ``tis_cap`` each token's weight is
+    ``min(exp(trainer - sampler), cap)``: 1 when they agree, ``min(e^0.5, 2)`` when the sampler is 0.5 nats lower."""
+    module = _module(generator=LogpsReportingGenerator(offset), tis_cap=2.0)
+    rollout = module.rollout(_prompts(module))
+    mask = rollout.experience.completion_mask.bool()
+    assert rollout.mismatch["rollout/logp_diff_mean"].item() == pytest.approx(abs(offset), abs=1e-4)
+    assert rollout.mismatch["rollout/logp_diff_max"].item() == pytest.approx(abs(offset), abs=1e-4)
+    expected = torch.full((int(mask.sum()),), min(math.exp(-offset), 2.0))
+    assert torch.allclose(rollout.token_weights[mask], expected, atol=1e-4)
+    assert "rollout/logp_diff_mean" in module.train_metrics
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled():

@@ -8,6 +8,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import LogpsReportingGenerator
 
 from lit_align import PPOModule, PromptDataModule
 from lit_align.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, whiten
@@ -107,6 +108,21 @@ def test_rollout_before_any_update_has_ratio_one_and_zero_kl(value_model):
     ratio = (logps - rollout.logps).exp()[real]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     assert torch.isfinite(rollout.advantages).all() and torch.isfinite(rollout.values).all()
+
+
+def test_a_samplers_own_log_probs_are_compared_with_the_trainers_and_corrected():
+    """PPO with a generator that reports its own log-probs 0.3 nats above the policy's: ``rollout/logp_diff_*`` is
+    0.3 and each completion token's TIS weight is ``min(exp(-0.3), 1.2)``; without ``tis_cap`` there are none."""
+    torch.manual_seed(0)
+    module = PPOModule(max_new_tokens=12, mini_batch_size=4, generator=LogpsReportingGenerator(0.3), tis_cap=1.2)
+    module.configure_model()
+    _, batch = prompts_batch(module)
+    rollout = module.rollout(batch)
+    real = rollout.mask.bool()
+    assert rollout.mismatch["rollout/logp_diff_max"].item() == pytest.approx(0.3, abs=1e-4)
+    assert torch.allclose(rollout.token_weights[real], torch.full((int(real.sum()),), math.exp(-0.3)), atol=1e-4)
+    module.tis_cap = None
+    assert module.rollout(batch).token_weights is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -19,6 +19,7 @@ from lit_align.checkpoint import CheckpointError, SafeCheckpointIO
 from lit_align.cli import ImportRefused, run
 from lit_align.data.sources import read_records
 from lit_align.models import load_causal_lm
+from lit_align.rollout import HFGenerator
 
 pytestmark = pytest.mark.reliability
 
@@ -147,6 +148,26 @@ def test_class_spec_in_generate_kwargs_is_refused(tmp_path, reliability):
     reliability["faults"] += 1
     _refused(tmp_path, "grpo.yaml", GENERATOR_EVIL)
     reliability["survived"] += 1
+
+
+def test_generate_options_that_load_code_are_refused(tmp_path, reliability):
+    """``generate(custom_generate=<repo or directory>, trust_remote_code=True)`` imports and runs the ``generate.py``
+    it names: refused when the generator is built, from a config or from Python."""
+    reliability["bad_inputs"] += 1
+    payload = tmp_path / "custom_generate"
+    payload.mkdir()
+    marker = tmp_path / "MARKER"
+    (payload / "generate.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef generate(*a, **k): pass\n")
+    config = tmp_path / "generator.yaml"
+    options = f"custom_generate: {tmp_path}\n          trust_remote_code: true\n"
+    config.write_text(GENERATOR_EVIL.split("streamer")[0] + options)
+    with pytest.raises(ValueError, match="custom_generate"):
+        run(["fit", "-c", str(REPO / "configs" / "grpo.yaml"), "-c", str(config), "--trainer.max_steps=1",
+             f"--trainer.default_root_dir={tmp_path}", "--model.init_args.export_dir=null"])  # fmt: skip
+    with pytest.raises(ValueError, match="custom_generate"):
+        HFGenerator(generate_kwargs={"custom_generate": str(tmp_path), "trust_remote_code": True})
+    assert not marker.exists()
+    reliability["named_errors"] += 1
 
 
 def test_a_generator_with_plain_generate_kwargs_still_parses(tmp_path):

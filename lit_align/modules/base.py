@@ -29,6 +29,7 @@ from lit_align.models import (
     keep_rotary_fp32,
     load_causal_lm,
     load_tokenizer,
+    lora_state_dict,
     resolve_dtype,
     unwrap_model,
 )
@@ -275,15 +276,25 @@ class AlignModule(L.LightningModule):
         """Create the method's models besides the policy (reference, reward, value model) from the policy as built,
         before anything is sharded. Override in a method; it must do nothing for a role that already exists."""
 
-    def sampling_context(self) -> Any:
+    def sampling_context(self, generator: Any = None) -> Any:
         """The context to sample from the policy in: with a sharded policy and the strategy's
         ``gather_for_generation`` (the default), the whole policy all-gathered once for the rollout (no collective
-        while decoding); otherwise nothing."""
+        while decoding), unless the ``generator`` keeps its own copy of the weights; otherwise nothing."""
         from lit_align.parallel import gathered
         from lit_align.strategies import sharding_options
 
         options = sharding_options(self.trainer.strategy if self._trainer is not None else None)
-        return gathered(self.model, enabled=options["gather_for_generation"])
+        own = getattr(generator, "owns_weights", False)
+        return gathered(self.model, enabled=options["gather_for_generation"] and not own)
+
+    def sample_policy(self, stage: Any, prompts: Mapping[str, Any], group_size: int | None = None) -> Any:
+        """Completions of the policy for a batch of prompts through a :class:`~lit_align.rollout.RolloutStage`
+        (``group_size`` each, default the stage's), each from its own seed in the run's sampling stream; the engine
+        is told to free what it holds once sampling is done."""
+        with self.sampling_context(stage.generator):
+            experience = stage.sample(self.model, prompts, self.sampling_stream(), group_size)
+        stage.generator.release()
+        return experience
 
     #: names of trainable sub-modules besides the policy (PPO's value model), sharded like it
     trainable_modules: tuple[str, ...] = ()
@@ -578,39 +589,6 @@ class AlignModule(L.LightningModule):
         if self._trainer is not None:
             self.trainer.strategy.barrier("lit_align.export_hf")
         return path
-
-
-def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], merge: bool) -> dict[str, torch.Tensor]:
-    """From the full state dict of a PEFT model's inner transformers model (LoRA layers in place): with ``merge``,
-    the plain model's state dict with every adapter folded in, ``W + scaling * B @ A`` (transposed for
-    ``fan_in_fan_out`` layers), as ``merge_and_unload`` computes it but without copying the model; else the adapter
-    alone, keyed as PEFT saves it."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import get_peft_model_state_dict
-
-    inner = unwrap_model(model)
-    if not merge:
-        prefixed = {f"base_model.model.{k}": v for k, v in state_dict.items()}
-        return {k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=prefixed).items()}
-    merged = dict(state_dict)
-    for name, layer in inner.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        base = merged.pop(f"{name}.base_layer.weight")
-        for adapter in layer.active_adapters:
-            if layer.use_dora.get(adapter):
-                raise NotImplementedError("merging DoRA adapters into an export is not supported; use merge_lora=False")
-            a = merged.pop(f"{name}.lora_A.{adapter}.weight").float()
-            b = merged.pop(f"{name}.lora_B.{adapter}.weight").float()
-            delta = (b @ a) * layer.scaling[adapter]
-            base = base + (delta.T if layer.fan_in_fan_out else delta).to(base.dtype)
-        merged[f"{name}.weight"] = base
-        if f"{name}.base_layer.bias" in merged:
-            merged[f"{name}.bias"] = merged.pop(f"{name}.base_layer.bias")
-    leftover = [k for k in merged if ".lora_" in k]
-    if leftover:
-        raise ValueError(f"cannot merge LoRA weights {leftover[:3]}: not on a LoRA layer")
-    return merged
 
 
 VALIDATION_SEED = 0x5EED  # validation's own random stream starts here (plus the global step)

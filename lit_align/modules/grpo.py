@@ -82,7 +82,7 @@ class GRPOModule(AlignModule):
             with each prompt prefilled once for its group; :class:`~lit_align.rollout.VLLMGenerator` for vLLM).
         tis_cap: with a generator that returns its own log-probs (vLLM), weight each token's surrogate by the
             truncated importance ratio ``min(pi_trainer / pi_sampler, tis_cap)`` (TIS, as verl and TRL apply it);
-            ``None``: no correction (the mismatch is still logged as ``train/logp_diff_mean`` and ``_max``).
+            ``None``: no correction (the mismatch is still logged as ``rollout/logp_diff_mean`` and ``_max``).
         sampling_seed: the seed completions are sampled from, each completion from its own seed hashed from this,
             the batch and its prompt (so sampling is the same on any number of devices and in a resumed run);
             ``None``: the run's ``seed_everything`` seed.
@@ -171,7 +171,7 @@ class GRPOModule(AlignModule):
         if len(reward_fns) > 1:
             names += [f"reward_{i}" for i in range(len(reward_fns))]
         if generator is not None and generator.returns_logps:
-            names += ["logp_diff_mean", "logp_diff_max"]
+            names += ["rollout/logp_diff_mean", "rollout/logp_diff_max"]
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "response_length")})
 
@@ -230,12 +230,8 @@ class GRPOModule(AlignModule):
         return GroupRollout(experience, loss_mask, advantages, zero_std, old_logps, ref_logps, token_weights, mismatch)
 
     def sample(self, prompts: Mapping[str, Any], group_size: int | None = None) -> Experience:
-        """Completions of the policy for a batch of prompts (``group_size`` each, default the module's), each from
-        its own seed; the engine is told to free what it holds once sampling is done."""
-        with self.sampling_context():
-            experience = self.rollout_stage.sample(self.model, prompts, self.sampling_stream(), group_size)
-        self.rollout_stage.generator.release()
-        return experience
+        """Completions of the policy for a batch of prompts (``group_size`` each, default the module's)."""
+        return self.sample_policy(self.rollout_stage, prompts, group_size)
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -308,7 +304,8 @@ class GRPOModule(AlignModule):
         for name, value in values.items():
             metric = self.train_metrics[name]
             metric(value.to(self.device).float())
-            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("reward_mean", "kl"),
+            key = name if "/" in name else f"train/{name}"  # the rollout's own metrics are named in full
+            self.log(key, metric, on_step=True, on_epoch=True, prog_bar=name in ("reward_mean", "kl"),
                      batch_size=mask.shape[0])  # fmt: skip
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

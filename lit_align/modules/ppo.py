@@ -151,7 +151,7 @@ class PPOModule(AlignModule):
             :class:`~lit_align.rollout.VLLMGenerator` for vLLM).
         tis_cap: with a generator that returns its own log-probs (vLLM), weight each token's surrogate by the
             truncated importance ratio ``min(pi_trainer / pi_sampler, tis_cap)``; ``None``: no correction (the
-            mismatch is still logged as ``train/logp_diff_mean`` and ``_max``).
+            mismatch is still logged as ``rollout/logp_diff_mean`` and ``_max``).
         sampling_seed: the seed completions are sampled from, each completion from its own seed hashed from this,
             the batch and its prompt (so sampling is the same on any number of devices and in a resumed run);
             ``None``: the run's ``seed_everything`` seed.
@@ -254,7 +254,7 @@ class PPOModule(AlignModule):
             "value_loss", "explained_variance", "response_length", "no_eos_fraction", "ptx_loss",
         )  # fmt: skip
         if generator is not None and generator.returns_logps:
-            names += ("logp_diff_mean", "logp_diff_max")
+            names += ("rollout/logp_diff_mean", "rollout/logp_diff_max")
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "kl", "response_length")})
 
@@ -313,12 +313,8 @@ class PPOModule(AlignModule):
 
     # ----- the rollout ------------------------------------------------------------------------------------------------
     def sample(self, prompts: Mapping[str, Any]) -> Experience:
-        """A completion of the policy for each prompt, from its own seed; the engine is told to free what it holds
-        once sampling is done."""
-        with self.sampling_context():
-            experience = self.rollout_stage.sample(self.model, prompts, self.sampling_stream())
-        self.rollout_stage.generator.release()
-        return experience
+        """A completion of the policy for each prompt."""
+        return self.sample_policy(self.rollout_stage, prompts)
 
     @torch.no_grad()
     def rollout(self, prompts: Mapping[str, Any]) -> PPORollout:
@@ -465,7 +461,8 @@ class PPOModule(AlignModule):
         for name, value in values.items():
             metric = self.train_metrics[name]
             metric(value.to(self.device).float())
-            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("reward_mean", "kl"),
+            key = name if "/" in name else f"train/{name}"  # the rollout's own metrics are named in full
+            self.log(key, metric, on_step=True, on_epoch=True, prog_bar=name in ("reward_mean", "kl"),
                      batch_size=mask.shape[0])  # fmt: skip
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

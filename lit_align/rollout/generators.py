@@ -72,6 +72,14 @@ class Generator:
 
     #: whether :class:`Completions` carry the engine's own log-probs
     returns_logps: bool = False
+    #: whether the engine keeps its own copy of the weights (then a sharded policy need not be gathered to sample)
+    owns_weights: bool = False
+    #: the policy's tokenizer, given by the stage that uses the engine (:meth:`setup`)
+    tokenizer: Any = None
+
+    def setup(self, tokenizer: Any) -> None:
+        """Called once by the :class:`~lit_align.rollout.RolloutStage` that samples with this engine."""
+        self.tokenizer = tokenizer
 
     def weights_changed(self) -> None:
         """The policy's weights changed (an optimizer step): an engine with its own copy must refresh it."""
@@ -130,6 +138,10 @@ class HFGenerator(Generator):
     """
 
     def __init__(self, generate_kwargs: dict[str, Any] | None = None, share_prompt_cache: bool = True) -> None:
+        refused = sorted(set(generate_kwargs or {}) & _CODE_LOADING_OPTIONS)
+        if refused:
+            raise ValueError(f"generate_kwargs {refused} would load and run code from a repository or directory; "
+                             "lit_align does not pass them to generate")  # fmt: skip
         self.generate_kwargs = dict(generate_kwargs or {})
         self.share_prompt_cache = share_prompt_cache
 
@@ -194,6 +206,7 @@ class HFGenerator(Generator):
         return cache
 
 
+_CODE_LOADING_OPTIONS = {"custom_generate", "trust_remote_code"}  # generate() would import code they name
 _OTHER_WARPERS = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}  # sampling warpers KeyedSampling does not apply
 
 

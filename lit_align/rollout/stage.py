@@ -69,6 +69,7 @@ class RolloutStage:
         missing_eos_penalty: float | None = None,
     ) -> None:
         self.tokenizer, self.generator = tokenizer, generator or HFGenerator()
+        self.generator.setup(tokenizer)
         self.group_size, self.max_new_tokens, self.temperature, self.top_p = (
             group_size,
             max_new_tokens,
@@ -173,12 +174,12 @@ class RolloutStage:
     @staticmethod
     def mismatch(experience: Experience, logps: torch.Tensor) -> dict[str, torch.Tensor]:
         """How far the sampler's log-probs are from the trainer's ``logps`` ``[N, R]`` (the policy as sampled) over the
-        completion tokens: ``logp_diff_mean`` and ``logp_diff_max`` of ``|sampler - trainer|`` (empty without the
-        sampler's log-probs)."""
+        completion tokens: ``rollout/logp_diff_mean`` and ``rollout/logp_diff_max`` of ``|sampler - trainer|``
+        (empty without the sampler's log-probs)."""
         if experience.sampler_logps is None:
             return {}
         mask = experience.completion_mask.bool()
         diff = (experience.sampler_logps - logps.float()).abs()[mask]
         zero = logps.new_zeros((), dtype=torch.float32)
-        return {"logp_diff_mean": diff.mean() if diff.numel() else zero,
-                "logp_diff_max": diff.max() if diff.numel() else zero}  # fmt: skip
+        return {"rollout/logp_diff_mean": diff.mean() if diff.numel() else zero,
+                "rollout/logp_diff_max": diff.max() if diff.numel() else zero}  # fmt: skip

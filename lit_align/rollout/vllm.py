@@ -137,7 +137,7 @@ class VLLMGenerator(Generator):
                     f"{what} {refused} are not among the options VLLMGenerator passes on ({sorted(allowed)}): the "
                     "sampling options are the method's own, and other engine options could make vLLM import code"
                 )
-        SamplingParams(**(sampling_kwargs or {}))  # invalid values are named here, not mid-run
+        SamplingParams(max_tokens=None, **(sampling_kwargs or {}))  # invalid values are named here, not mid-run
         self.gpu_memory_utilization, self.kv_cache_memory_bytes = gpu_memory_utilization, kv_cache_memory_bytes
         self.max_model_len, self.dtype = max_model_len, dtype
         self.enable_prefix_caching, self.sleep_level = enable_prefix_caching, sleep_level

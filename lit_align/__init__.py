@@ -13,8 +13,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AlignModule": "lit_align.modules",
     "DPOModule": "lit_align.modules",
+    "DistillModule": "lit_align.modules",
     "GRPOModule": "lit_align.modules",
+    "KTOModule": "lit_align.modules",
     "LoRA": "lit_align.modules",
+    "OnlineDPOModule": "lit_align.modules",
     "PPOModule": "lit_align.modules",
     "RewardModule": "lit_align.modules",
     "RewardScorer": "lit_align.modules",
@@ -22,6 +25,7 @@ _EXPORTS = {
     "InstructionDataModule": "lit_align.data",
     "PreferenceDataModule": "lit_align.data",
     "PromptDataModule": "lit_align.data",
+    "UnpairedDataModule": "lit_align.data",
     "load_causal_lm": "lit_align.models",
     "load_tokenizer": "lit_align.models",
 }

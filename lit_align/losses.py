@@ -272,8 +272,9 @@ DPO_LOSS_TYPES = (
     "discopop",
     "sigmoid_norm",
     "simpo",
+    "orpo",
 )
-REFERENCE_FREE_LOSS_TYPES = ("simpo",)
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
 
 
 def check_dpo_options(
@@ -303,6 +304,27 @@ def check_dpo_options(
         raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
     if rpo_alpha is not None and rpo_alpha < 0:
         raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, without cancellation (Maechler 2012: ``log(-expm1(x))`` near 0,
+    ``log1p(-exp(x))`` below ``-ln 2``)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_log_odds_ratio(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """ORPO's log odds ratio (Hong et al. 2024, eqs. 4 and 7): with ``P = exp(avg log-prob)`` per response,
+    ``log odds(y_w) - log odds(y_l) = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))``.
+
+    Args:
+        chosen_avg_logps, rejected_avg_logps: ``[P]`` per-token average log-probs (``< 0``) of each pair's responses.
+
+    Returns:
+        ``(log_odds, log_sigmoid_log_odds)``, each ``[P]`` fp32; the second is minus the odds-ratio loss.
+    """
+    chosen, rejected = chosen_avg_logps.float(), rejected_avg_logps.float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return log_odds, F.logsigmoid(log_odds)
 
 
 def dpo_loss(
@@ -338,6 +360,11 @@ def dpo_loss(
       length-normalised log-ratios).
     - ``simpo`` (Meng et al. 2024, reference-free): ``-log sigmoid(beta (avg log pi(y_w) - avg log pi(y_l)) - gamma)``
       on per-token average log-probs, target margin ``simpo_gamma``; cDPO-style ``label_smoothing`` as in TRL's CPO.
+    - ``orpo`` (Hong et al. 2024, eq. 6, reference-free): the chosen response's per-token NLL plus ``beta`` (the
+      paper's lambda) times the odds-ratio loss ``-log sigmoid(log odds(y_w) - log odds(y_l))``, with
+      ``odds(y) = P(y) / (1 - P(y))`` and ``P`` the per-token average probability (:func:`orpo_log_odds_ratio`).
+      The NLL is averaged per example (TRL averages it over the batch's chosen tokens: the same when the chosen
+      responses have equal lengths), so that the loss does not depend on how examples are batched.
 
     ``rpo_alpha`` adds ``rpo_alpha`` times the chosen response's per-token negative log-likelihood (RPO, Pang et al.
     2024), averaged per example so that the loss does not depend on how examples are grouped into batches.
@@ -353,7 +380,7 @@ def dpo_loss(
         rewards ``beta (log pi - log pi_ref)`` (``beta`` times the average log-prob for ``simpo``).
     """
     check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, rpo_alpha)
-    needs_lengths = loss_type in ("ipo", "sigmoid_norm", "simpo") or rpo_alpha
+    needs_lengths = loss_type in ("ipo", "sigmoid_norm", "simpo", "orpo") or rpo_alpha
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss_type {loss_type!r} (or rpo_alpha) needs chosen_lengths and rejected_lengths")
     chosen, rejected = policy_chosen_logps.float(), policy_rejected_logps.float()
@@ -364,8 +391,11 @@ def dpo_loss(
 
     if loss_type in REFERENCE_FREE_LOSS_TYPES:
         chosen_avg, rejected_avg = chosen / chosen_n, rejected / rejected_n
-        logits = beta * (chosen_avg - rejected_avg) - simpo_gamma
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        if loss_type == "orpo":
+            losses = -chosen_avg - beta * orpo_log_odds_ratio(chosen_avg, rejected_avg)[1]
+        else:
+            logits = beta * (chosen_avg - rejected_avg) - simpo_gamma
+            losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
         chosen_rewards, rejected_rewards = beta * chosen_avg, beta * rejected_avg
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None:
@@ -546,6 +576,8 @@ def ppo_value_loss(
 
 # ----- GRPO (DeepSeekMath) ----------------------------------------------------------------------------------------
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 
 def grpo_advantages(
@@ -588,6 +620,71 @@ def grpo_advantages(
     return centred.float().view(-1), flat.expand_as(grouped).reshape(-1)
 
 
+def rloo_advantages(
+    rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, eq. 5): each completion's reward
+    minus the mean reward of the *other* completions of its prompt, ``A_i = r_i - (sum_j r_j - r_i) / (G - 1)``
+    (``= G / (G - 1) (r_i - mean(r))``: an unbiased baseline, since it does not depend on completion ``i``).
+
+    Args:
+        rewards: ``[N]`` rewards, ``N = B * group_size``, the ``group_size`` completions of a prompt consecutive.
+        group_size: completions per prompt (``G >= 2``).
+        normalize: divide by the standard deviation of all ``N`` advantages (TRL's ``normalize_advantages``; their
+            mean is 0 by construction).
+        eps: added to that standard deviation.
+        batch_std: that standard deviation over every device's advantages (under data parallelism), else this
+            batch's.
+
+    Returns:
+        ``(advantages [N], zero_std [N])`` as :func:`grpo_advantages`: fp32, computed in fp64, exactly 0 for a group
+        whose rewards are all equal.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B * group_size] with group_size={group_size}; got {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"leave-one-out baselines need group_size >= 2, got {group_size}")
+    grouped = rewards.double().view(-1, group_size)
+    flat = (grouped == grouped[:, :1]).all(-1, keepdim=True)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+    advantages = (grouped - baseline).masked_fill(flat, 0.0)
+    if normalize:
+        if batch_std is None:
+            batch_std = advantages.std() if advantages.numel() > 1 else advantages.new_zeros(())
+        advantages = advantages / (batch_std.double() + eps)
+    return advantages.float().view(-1), flat.expand_as(grouped).reshape(-1)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-4, batch_std: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ with a group baseline (Hu et al. 2025, "REINFORCE++", sec. 3, the ``-baseline`` variant as verl
+    computes it): each completion's reward minus its group's mean, then divided by the standard deviation of those
+    centred rewards over the whole batch (global, not per-group, normalisation: no per-prompt difficulty weighting).
+
+    Args:
+        rewards: ``[N]`` rewards, ``N = B * group_size``, a prompt's completions consecutive.
+        group_size: completions per prompt (1: no group baseline, the batch mean is subtracted instead).
+        eps: added to the standard deviation.
+        batch_std: the standard deviation of the centred rewards over every device (under data parallelism).
+
+    Returns:
+        ``(advantages [N], zero_std [N])`` as :func:`grpo_advantages`.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B * group_size] with group_size={group_size}; got {tuple(rewards.shape)}")
+    grouped = rewards.double().view(-1, group_size)
+    if group_size == 1:
+        grouped = rewards.double().view(1, -1)
+    flat = (grouped == grouped[:, :1]).all(-1, keepdim=True)
+    centred = (grouped - grouped.mean(-1, keepdim=True)).masked_fill(flat, 0.0)
+    if batch_std is None:
+        batch_std = centred.std() if centred.numel() > 1 else centred.new_zeros(())
+    advantages = centred / (batch_std.double() + eps)
+    return advantages.float().reshape(-1), flat.expand_as(grouped).reshape(-1)
+
+
 def grpo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor | None,
@@ -601,6 +698,7 @@ def grpo_policy_loss(
     max_completion_length: int | None = None,
     n_tokens: torch.Tensor | float | None = None,
     token_weights: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's objective (Shao et al. 2024, eq. 3), as a loss to minimise: per token,
     ``-min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + kl_coef KL_k3(pi || pi_ref)`` with
@@ -631,6 +729,13 @@ def grpo_policy_loss(
         n_tokens: the normaliser for ``"dapo"`` (see above).
         token_weights: ``[N, R]`` weights of each token's surrogate, before the KL term is added (truncated importance
             sampling against the sampler, :func:`truncated_importance_weights`, as TRL applies it).
+        importance_sampling_level: what the clipped ratio is a ratio of. ``"token"``: each token's (GRPO, PPO).
+            ``"sequence"``: GSPO (Zheng et al. 2025, eq. 7), one ratio per completion, the geometric mean of its
+            tokens' ratios ``exp(mean_t (log pi - log pi_old))``, clipped as a whole (with GSPO's small clip ranges,
+            e.g. ``clip_eps=3e-4``, ``clip_eps_high=4e-4``), as TRL's ``importance_sampling_level="sequence"``.
+            ``"sequence_sum"``: the completion's whole probability ratio ``exp(sum_t (log pi - log pi_old))``, the
+            REINFORCE/RLOO objective as TRL's ``RLOOTrainer`` computes it. Both sequence levels weigh each completion
+            once, so they take ``loss_type="grpo"`` (the mean over completions).
 
     Returns:
         ``(loss, stats)``: the scalar fp32 loss and detached per-token means: ``kl`` (the k3 estimate, 0 without a
@@ -639,13 +744,19 @@ def grpo_policy_loss(
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")
+    check_importance_sampling(importance_sampling_level, loss_type)
     logps = logps.float()
     mask = mask.to(logps.dtype)
     advantages = advantages.float()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     old = logps.detach() if old_logps is None else old_logps.float()
-    ratio = torch.exp(logps - old)
+    log_ratio = logps - old
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    elif importance_sampling_level == "sequence_sum":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
+    ratio = torch.exp(log_ratio)  # [N, R] per token, [N, 1] per completion
     high = clip_eps if clip_eps_high is None else clip_eps_high
     per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + high) * advantages)
     if token_weights is not None:
@@ -670,10 +781,22 @@ def grpo_policy_loss(
     with torch.no_grad():
         stats = {
             "kl": masked_mean(kl, mask),
-            "clip_low": masked_mean(((ratio < 1 - clip_eps) & (advantages < 0)).float(), mask),
-            "clip_high": masked_mean(((ratio > 1 + high) & (advantages > 0)).float(), mask),
+            "clip_low": masked_mean(((ratio < 1 - clip_eps) & (advantages < 0)).float().expand_as(mask), mask),
+            "clip_high": masked_mean(((ratio > 1 + high) & (advantages > 0)).float().expand_as(mask), mask),
         }
     return loss, stats
+
+
+def check_importance_sampling(level: str, loss_type: str) -> None:
+    """Raise a ``ValueError`` naming the option unless ``level`` is one of :data:`IMPORTANCE_SAMPLING_LEVELS` that
+    fits ``loss_type`` (the sequence levels give one term per completion: ``loss_type="grpo"``)."""
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; choose one of {IMPORTANCE_SAMPLING_LEVELS}")
+    if level != "token" and loss_type != "grpo":
+        raise ValueError(
+            f"importance_sampling_level={level!r} gives one ratio per completion, weighed once: it needs "
+            f"loss_type='grpo' (the mean over completions), not {loss_type!r}"
+        )
 
 
 def truncated_importance_weights(
@@ -695,3 +818,373 @@ def truncated_importance_weights(
     """
     ratio = torch.exp(logps.detach().float() - sampler_logps.float()).clamp(max=cap)
     return torch.where(mask.bool(), ratio, torch.ones_like(ratio))
+
+
+# ----- on-policy distillation (GKD) -------------------------------------------------------------------------------
+def _check_jsd_options(beta: float, temperature: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta!r}: must be in [0, 1] (0: forward KL(teacher || student), 1: reverse KL)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: must be positive")
+
+
+def _jsd_terms(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """``[..., V]`` per-vocabulary-entry terms of the generalized JSD of two log-distributions (summed over ``V``
+    they give the divergence; see :func:`generalized_jsd`)."""
+    if beta == 0.0:
+        return teacher_logps.exp() * (teacher_logps - student_logps)
+    if beta == 1.0:
+        return student_logps.exp() * (student_logps - teacher_logps)
+    log_m = torch.logaddexp(student_logps + math.log1p(-beta), teacher_logps + math.log(beta))
+    return beta * teacher_logps.exp() * (teacher_logps - log_m) + (1 - beta) * student_logps.exp() * (
+        student_logps - log_m
+    )
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """The generalized Jensen-Shannon divergence between the student's and the teacher's next-token distributions
+    at each position (GKD: Agarwal et al. 2024, "On-Policy Distillation of Language Models", eq. 1):
+
+    ``D_beta(p_T || p_S) = beta KL(p_T || M) + (1 - beta) KL(p_S || M)``, ``M = beta p_T + (1 - beta) p_S``,
+
+    with ``p = softmax(logits / temperature)``. As TRL defines it (``GKDTrainer.generalized_jsd_loss`` and
+    ``DistillationTrainer``), ``beta = 0`` is the forward ``KL(p_T || p_S)`` and ``beta = 1`` the reverse
+    ``KL(p_S || p_T)``; in between the interpolation, symmetric JSD at 0.5.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` logits of the two models at the same positions.
+        beta: in ``[0, 1]``.
+        temperature: both distributions are softened by it.
+
+    Returns:
+        ``[...]`` divergences in nats, in fp32 (fp64 for fp64 logits).
+    """
+    _check_jsd_options(beta, temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student_logps = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    teacher_logps = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
+    return _jsd_terms(student_logps, teacher_logps, beta).sum(-1)
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    n_tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """GKD's loss on materialised logits (TRL 1.16's ``GKDTrainer.generalized_jsd_loss``, reduction for reduction):
+    the per-entry terms of :func:`generalized_jsd` at the positions whose ``labels`` are not ``IGNORE_INDEX``.
+
+    Args:
+        student_logits, teacher_logits: ``[B, T, V]`` (already shifted: position ``t`` predicts ``labels[:, t]``).
+        labels: ``[B, T]`` with ``IGNORE_INDEX`` where no loss is taken; ``None``: every position.
+        beta, temperature: as :func:`generalized_jsd`.
+        reduction: ``"batchmean"`` (the sum over labelled positions and the vocabulary divided by the number of
+            labelled positions, or by ``B`` without labels: the mean per-token divergence), ``"sum"``, ``"mean"``
+            (over positions and vocabulary entries) or ``"none"`` (the ``[M, V]`` terms, ``[B, T, V]`` without
+            labels).
+        n_tokens: when given, the sum divided by it instead (a global token count, as TRL's
+            ``num_items_in_batch``).
+
+    Returns:
+        A scalar (or the unreduced terms), fp32 or fp64 as :func:`generalized_jsd`.
+    """
+    if reduction not in ("batchmean", "sum", "mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: must be 'batchmean', 'sum', 'mean' or 'none'")
+    _check_jsd_options(beta, temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student_logps = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    teacher_logps = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
+    terms = _jsd_terms(student_logps, teacher_logps, beta)
+    mask = None
+    if labels is not None:
+        mask = labels != IGNORE_INDEX
+        terms = terms[mask]
+    if n_tokens is not None:
+        return terms.sum() / torch.as_tensor(n_tokens, dtype=terms.dtype, device=terms.device)
+    if reduction == "batchmean":
+        return terms.sum() / (mask.sum().clamp(min=1) if mask is not None else max(terms.shape[0], 1))
+    if reduction == "sum":
+        return terms.sum()
+    if reduction == "mean":
+        return terms.mean()
+    return terms
+
+
+class _LinearGeneralizedJSD(torch.autograd.Function):
+    """Per-row :func:`generalized_jsd` of ``student_hidden @ student_weight.T (+ bias)`` against the teacher's
+    ``teacher_hidden @ teacher_weight.T (+ bias)``, a tile of rows at a time; the backward recomputes each tile's
+    logits, so only ``[M]`` statistics (both log-sum-exps and one KL) are kept between the passes. The gradient
+    flows to the student's hidden states, weight and bias; the teacher gets none."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, beta, inv_t, rows, dtypes):
+        s_dtype, t_dtype = dtypes
+        acc = torch.promote_types(torch.promote_types(s_dtype, t_dtype), torch.float32)
+        div, lse_s, lse_t, aux = [], [], [], []
+        ws, bs = w_s.to(s_dtype), b_s.to(s_dtype) if b_s is not None else None
+        wt, bt = w_t.to(t_dtype), b_t.to(t_dtype) if b_t is not None else None
+        for start in range(0, h_s.shape[0], rows):
+            zs = F.linear(h_s[start : start + rows].to(s_dtype), ws, bs).to(acc) * inv_t
+            zt = F.linear(h_t[start : start + rows].to(t_dtype), wt, bt).to(acc) * inv_t
+            tile_lse_s, tile_lse_t = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
+            log_ps, log_pt = zs - tile_lse_s[:, None], zt - tile_lse_t[:, None]
+            del zs, zt
+            if beta == 0.0 or beta == 1.0:
+                tile_div = _jsd_terms(log_ps, log_pt, beta).sum(-1)
+                aux.append(tile_div)
+            else:
+                log_m = torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
+                kl_s = (log_ps.exp() * (log_ps - log_m)).sum(-1)
+                kl_t = (log_pt.exp() * (log_pt - log_m)).sum(-1)
+                tile_div = beta * kl_t + (1 - beta) * kl_s
+                aux.append(kl_s)  # KL(p_S || M), which the gradient needs
+            div.append(tile_div)
+            lse_s.append(tile_lse_s)
+            lse_t.append(tile_lse_t)
+        empty = h_s.new_zeros(0, dtype=acc)
+        div, lse_s, lse_t, aux = (torch.cat(x) if x else empty for x in (div, lse_s, lse_t, aux))
+        ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, lse_s, lse_t, aux)
+        ctx.beta, ctx.inv_t, ctx.rows, ctx.dtypes = beta, inv_t, rows, dtypes
+        return div
+
+    @staticmethod
+    def backward(ctx, grad):
+        h_s, w_s, b_s, h_t, w_t, b_t, lse_s, lse_t, aux = ctx.saved_tensors
+        (s_dtype, t_dtype), beta, inv_t, acc = ctx.dtypes, ctx.beta, ctx.inv_t, lse_s.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b_s is not None and ctx.needs_input_grad[2]
+        ws, bs = w_s.to(s_dtype), b_s.to(s_dtype) if b_s is not None else None
+        wt, bt = w_t.to(t_dtype), b_t.to(t_dtype) if b_t is not None else None
+        grad_h = torch.empty_like(h_s) if need_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
+        grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if need_b else None
+        for start in range(0, h_s.shape[0], ctx.rows):
+            stop = start + ctx.rows
+            hs = h_s[start:stop].to(s_dtype)
+            log_ps = F.linear(hs, ws, bs).to(acc) * inv_t - lse_s[start:stop, None]
+            log_pt = F.linear(h_t[start:stop].to(t_dtype), wt, bt).to(acc) * inv_t - lse_t[start:stop, None]
+            # d D / d z_S (z: the tempered logits) for each divergence; p_S (g - E_pS[g]) with g = dD/dp_S
+            if beta == 0.0:
+                grad_z = log_ps.exp() - log_pt.exp()
+            elif beta == 1.0:
+                grad_z = log_ps.exp() * (log_ps - log_pt - aux[start:stop, None])
+            else:
+                log_m = torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
+                grad_z = (1 - beta) * log_ps.exp() * (log_ps - log_m - aux[start:stop, None])
+            grad_z = grad_z * (grad[start:stop, None].to(acc) * inv_t)
+            if need_h:
+                grad_h[start:stop] = (grad_z.to(s_dtype) @ ws).to(h_s.dtype)
+            if need_w:
+                grad_w += (grad_z.to(s_dtype).t() @ hs).to(acc)
+            if need_b:
+                grad_b += grad_z.sum(0)
+        grad_w = grad_w.to(w_s.dtype) if need_w else None
+        grad_b = grad_b.to(b_s.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def linear_generalized_jsd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    budget: int = _LOGIT_BUDGET,
+) -> torch.Tensor:
+    """:func:`generalized_jsd` of the student's and the teacher's next-token distributions computed from their final
+    hidden states and unembeddings, without materialising either model's ``[M, V]`` logits, forward or backward:
+    rows are taken a tile at a time (both models' tiles together hold at most ``budget`` logits) and the backward
+    recomputes each tile. What GKD's loss needs per completion token, with a vocabulary of any size.
+
+    Args:
+        student_hidden: ``[M, H_S]`` the student's final hidden states at the positions that predict the tokens.
+        student_weight: ``[V, H_S]`` its unembedding (``lm_head.weight``); ``student_bias``: ``[V]`` or ``None``.
+        teacher_hidden: ``[M, H_T]`` the teacher's, at the same positions (its width may differ).
+        teacher_weight: ``[V, H_T]`` its unembedding (the same vocabulary); ``teacher_bias``: ``[V]`` or ``None``.
+        beta, temperature: as :func:`generalized_jsd`.
+        budget: most logits elements (both models together) computed at once.
+
+    Returns:
+        ``[M]`` divergences in nats, fp32 (fp64 for fp64 inputs). Differentiable with respect to the student's
+        hidden states, weight and bias; the teacher receives no gradient. Each matmul runs in the autocast dtype when
+        autocast is on (else in its weight's dtype); the softmaxes in fp32.
+    """
+    _check_jsd_options(beta, temperature)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"the student's unembedding has {student_weight.shape[0]} rows and the teacher's {teacher_weight.shape[0]}:"
+            " distillation compares next-token distributions over one shared vocabulary"
+        )
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"{student_hidden.shape[0]} student positions but {teacher_hidden.shape[0]} teacher positions")
+    device = student_hidden.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtypes = tuple(torch.get_autocast_dtype(device) if autocast else w.dtype for w in (student_weight, teacher_weight))
+    rows = max(1, budget // (2 * student_weight.shape[0]))
+    with torch.autocast(device, enabled=False):
+        return _LinearGeneralizedJSD.apply(
+            student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(), float(beta), 1.0 / temperature, rows, dtypes,
+        )  # fmt: skip
+
+
+# ----- online DPO (Guo et al. 2024) -----------------------------------------------------------------------------------
+ONLINE_DPO_TIES = ("skip", "keep")
+
+
+def score_pairs(rewards: torch.Tensor, group_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt's preference pair from its scored samples (online AI feedback, Guo et al. 2024, sec. 3: the
+    annotator prefers the higher-scored of two responses): the chosen one is the first sample with the group's highest
+    score, the rejected one the last with its lowest. For two samples this is TRL 1.16's ``OnlineDPOTrainer``'s rule
+    (the first is chosen when ``r_1 >= r_2``), a tie included; the two are always different samples.
+
+    Args:
+        rewards: ``[N]`` scores, ``N = B * group_size``, the ``group_size`` samples of a prompt consecutive.
+        group_size: samples per prompt (at least 2).
+
+    Returns:
+        ``(chosen, rejected, tie)``, each ``[B]``: the indices into ``rewards`` of each prompt's chosen and rejected
+        sample, and whether all its samples scored the same (no preference: the pair carries no signal).
+    """
+    if group_size < 2 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be [B * group_size] with group_size={group_size} >= 2; got {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size)
+    offsets = torch.arange(0, rewards.numel(), group_size, device=rewards.device)
+    chosen = grouped.argmax(-1)  # the first maximum (torch.argmax's documented rule)
+    rejected = group_size - 1 - grouped.flip(-1).argmin(-1)  # the last minimum
+    tie = grouped.max(-1).values == grouped.min(-1).values
+    return offsets + chosen, offsets + rejected, tie
+
+
+def online_dpo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    rewards: torch.Tensor,
+    lengths: torch.Tensor,
+    group_size: int = 2,
+    ties: str = "skip",
+    n_pairs: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    rpo_alpha: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", algorithm 1): the
+    samples of each prompt are paired by their scores (:func:`score_pairs`), and the pair's DPO-family loss
+    (:func:`dpo_loss`, Rafailov et al. 2023 eq. 7 for ``sigmoid``) is averaged over the pairs.
+
+    Pairs whose samples scored the same carry no preference. ``ties="skip"`` leaves them out of the loss (they count
+    in no average: a batch of ties only has loss 0); ``ties="keep"`` trains on them as TRL 1.16's
+    ``OnlineDPOTrainer`` does, the first sample as the chosen one.
+
+    Args:
+        policy_logps: ``[N]`` summed completion log-probs under the policy (``N = B * group_size``).
+        ref_logps: ``[N]`` the same under the reference; ``None`` for reference-free losses.
+        rewards: ``[N]`` the samples' scores (after any missing-EOS penalty).
+        lengths: ``[N]`` completion token counts (length-normalised losses, ``rpo_alpha``).
+        group_size: samples per prompt.
+        ties: ``"skip"`` or ``"keep"`` (above).
+        n_pairs: what the summed pair losses are divided by: by default the number of pairs counted here; under data
+            parallelism the count over every rank divided by their number (so the ranks' mean is the global mean).
+        beta, loss_type, label_smoothing, simpo_gamma, discopop_tau, rpo_alpha: as in :func:`dpo_loss`.
+
+    Returns:
+        ``(loss, values)``: the scalar fp32 loss (0, still connected to ``policy_logps``, when no pair counts), and
+        ``[B]`` tensors ``chosen``, ``rejected`` (indices into the ``N`` samples), ``tie``, ``losses`` (per pair),
+        ``chosen_rewards``, ``rejected_rewards`` (the detached implicit rewards ``beta (log pi - log pi_ref)``).
+    """
+    if ties not in ONLINE_DPO_TIES:
+        raise ValueError(f"unknown ties {ties!r}; choose one of {ONLINE_DPO_TIES}")
+    chosen, rejected, tie = score_pairs(rewards, group_size)
+    pick = lambda values, idx: None if values is None else values[idx]  # noqa: E731
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_logps[chosen], policy_logps[rejected], pick(ref_logps, chosen), pick(ref_logps, rejected),
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=lengths[chosen],
+        rejected_lengths=lengths[rejected], simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, rpo_alpha=rpo_alpha,
+    )  # fmt: skip
+    counted = (~tie if ties == "skip" else torch.ones_like(tie)).to(losses.dtype)
+    n = counted.sum() if n_pairs is None else torch.as_tensor(n_pairs, dtype=losses.dtype, device=losses.device)
+    loss = (losses * counted).sum() / torch.where(n > 0, n, torch.ones_like(n))
+    values = {"chosen": chosen, "rejected": rejected, "tie": tie, "losses": losses.detach(),
+              "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}  # fmt: skip
+    return loss, values
+
+
+# ----- KTO ---------------------------------------------------------------------------------------------------------
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z_0`` (Ethayarajh et al. 2024, eq. 7): ``KL(pi || pi_ref)`` estimated on mismatched
+    pairs ``(x_i, y_j)``, ``j != i``, as the batch mean of ``log pi(y_j|x_i) - log pi_ref(y_j|x_i)``, clamped at 0
+    and detached (no gradient flows through it), as TRL does.
+
+    Args:
+        policy_kl_logps, ref_kl_logps: ``[N]`` summed log-probs of the mismatched completions.
+
+    Returns:
+        a 0-dim fp32 tensor (0 for an empty batch).
+    """
+    diff = policy_kl_logps.detach().float() - ref_kl_logps.detach().float()
+    if diff.numel() == 0:
+        return diff.new_zeros(())
+    return diff.mean().clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
+    Optimization", eqs. 7-8): with the implicit reward ``r(x, y) = log pi(y|x) - log pi_ref(y|x)`` and the reference
+    point ``z_0`` (:func:`kto_reference_point`), each completion's value is
+
+        ``v(x, y) = lambda_D sigmoid(beta (r - z_0))``  for a desirable ``y``,
+        ``v(x, y) = lambda_U sigmoid(beta (z_0 - r))``  for an undesirable ``y``,
+
+    and the loss is ``E[lambda_y - v(x, y)]``, i.e. ``lambda_y (1 - sigmoid(...))`` per completion, averaged over
+    the batch's completions (desirable and undesirable together), as TRL's ``KTOTrainer`` reduces it.
+
+    Args:
+        policy_logps, ref_logps: ``[N]`` summed log-probs of each completion under the policy and the reference.
+        labels: ``[N]`` booleans, true for a desirable completion.
+        kl: the reference point ``z_0`` (a 0-dim tensor or a float; treated as a constant).
+        beta: the KTO temperature (strength of the pull towards the reference).
+        desirable_weight, undesirable_weight: ``lambda_D`` and ``lambda_U`` (the paper suggests
+            ``lambda_D n_D / (lambda_U n_U)`` in ``[1, 4/3]``).
+
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``: the 0-dim fp32 mean loss (0 for an empty batch), and the
+        detached implicit rewards ``beta r`` of the desirable ``[N_D]`` and undesirable ``[N_U]`` completions, in
+        batch order.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {desirable_weight}, "
+                         f"{undesirable_weight}")  # fmt: skip
+    if labels.dtype != torch.bool:
+        raise TypeError(f"labels must be booleans (true: desirable), got dtype {labels.dtype}")
+    logratios = policy_logps.float() - ref_logps.float()
+    kl = torch.as_tensor(kl, dtype=logratios.dtype, device=logratios.device).detach()
+    sign = torch.where(labels, 1.0, -1.0).to(logratios)
+    weight = torch.where(labels, desirable_weight, undesirable_weight).to(logratios)
+    losses = weight * (1 - torch.sigmoid(beta * sign * (logratios - kl)))
+    loss = losses.sum() / max(losses.numel(), 1)
+    rewards = beta * logratios.detach()
+    return loss, rewards[labels], rewards[~labels]

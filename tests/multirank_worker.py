@@ -20,15 +20,19 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 from lit_align import (
+    DistillModule,
     DPOModule,
     GRPOModule,
     InstructionDataModule,
+    KTOModule,
     LoRA,
+    OnlineDPOModule,
     PPOModule,
     PreferenceDataModule,
     PromptDataModule,
     RewardModule,
     SFTModule,
+    UnpairedDataModule,
 )
 from lit_align.data.sources import read_records
 from lit_align.parallel import full_tensor
@@ -67,6 +71,10 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
         module = DPOModule(lr=1e-2, **options)
         data = PreferenceDataModule(module.tokenizer, hh, val_data=hh_val, max_length=96, share_prompt=True,
                                     batch_size=per_rank)  # fmt: skip
+    elif method == "kto":
+        module = KTOModule(lr=1e-2, undesirable_weight=1.5)
+        data = UnpairedDataModule(module.tokenizer, hh, val_data=hh_val, max_length=96, share_prompt=True,
+                                  batch_size=per_rank)  # fmt: skip
     elif method == "ppo":
         module = PPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), max_new_tokens=6, num_iterations=1,
                            mini_batch_size=per_rank, value_model="policy_head")  # fmt: skip
@@ -77,6 +85,12 @@ def build(method: str, per_rank: int, out: Path, strategy_name: str):
         data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
     elif method == "grpo":
         module = GRPOModule(lr=1e-2, reward_fn=CharacterFractionReward(" "), group_size=2, max_new_tokens=6)
+        data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
+    elif method == "online_dpo":  # most pairs tie and are skipped: the ranks count different numbers of pairs
+        module = OnlineDPOModule(lr=1e-2, reward_fn=SpaceShareAtLeast(0.1), max_new_tokens=6)
+        data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
+    elif method == "distill":  # the teacher: the tiny preset from another seed, a frozen role sharded like the others
+        module = DistillModule(lr=1e-2, teacher="tiny", teacher_seed=1, max_new_tokens=6, lmbda=1.0)
         data = PromptDataModule(module.tokenizer, hh, val_data=hh_val, max_prompt_length=32, batch_size=per_rank)
     else:
         raise ValueError(method)
@@ -94,6 +108,18 @@ def full_weights(module) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": full_tensor(value).detach().cpu().clone()
             for name in ("model", *module.trainable_modules)
             for key, value in getattr(module, name).state_dict().items()}  # fmt: skip
+
+
+class SpaceShareAtLeast(CharacterFractionReward):
+    """1 when at least ``share`` of a completion's characters are spaces, else 0: a coarse score under which many
+    pairs tie, so that the ranks train on different numbers of pairs."""
+
+    def __init__(self, share: float) -> None:
+        super().__init__(" ")
+        self.share = share
+
+    def __call__(self, prompts, completions, references=None):
+        return (super().__call__(prompts, completions) >= self.share).float()
 
 
 class UnevenGenerator(HFGenerator):
@@ -137,6 +163,7 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         metric = "train/value_loss_step" if isinstance(module, PPOModule) else "train/policy_loss_step"
+        metric = "train/loss_step" if isinstance(module, DistillModule) else metric
         value = outputs["loss"] if outputs else trainer.callback_metrics[metric]
         self.losses.append(float(trainer.strategy.reduce(value.detach().float(), reduce_op="mean")))
 

@@ -20,10 +20,13 @@ from lit_align import (
     DPOModule,
     GRPOModule,
     InstructionDataModule,
+    KTOModule,
+    OnlineDPOModule,
     PPOModule,
     PreferenceDataModule,
     PromptDataModule,
     SFTModule,
+    UnpairedDataModule,
 )
 from lit_align.data.sources import read_records
 from lit_align.modules.base import batch_fingerprint
@@ -91,6 +94,17 @@ def main() -> None:
         data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=per_rank, val_fraction=val_fraction)
         data.setup()
         data.train_dataset = data.train_dataset[:22]
+    elif method == "online_dpo":  # one optimizer step per batch of 4 prompts (6 an epoch)
+        module = OnlineDPOModule(lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8)
+        data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=per_rank, val_fraction=val_fraction)
+        data.setup()
+        data.train_dataset = data.train_dataset[:22]
+    elif method == "kto":
+        module = KTOModule(lr=3e-3)
+        rows = [r.row for r in read_records("bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz")[:22]]
+        data = UnpairedDataModule(
+            module.tokenizer, rows, val_fraction=0.0, max_length=128, share_prompt=True, batch_size=per_rank
+        )
     else:
         module = DPOModule(lr=3e-3)
         rows = [r.row for r in read_records("bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz")[:22]]

@@ -191,3 +191,45 @@ def test_grpo_config_runs_on_gsm8k_and_exports_the_policy(tmp_path):
     assert cli.trainer.global_step == 2
     assert type(cli.model.rollout_stage.reward_fns[0]).__name__ == "NumericAnswerReward"
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_orpo_config_trains_reference_free_and_exports(tmp_path):
+    """``configs/orpo.yaml``: DPOModule with ``loss_type: orpo``, no reference model, three steps on the bundled HH
+    pairs; the implicit rewards are ``beta`` times the average log-probs (negative)."""
+    cli = _fit("orpo.yaml", tmp_path, *QUICK)
+    assert cli.trainer.global_step == 3 and cli.model.ref_model is None and cli.model.reference == "none"
+    logged = cli.trainer.callback_metrics
+    assert logged["train/rewards/chosen_step"] < 0 and "train/rewards/accuracies_step" in logged
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_rloo_config_runs_with_the_kl_in_the_reward_and_exports(tmp_path):
+    """``configs/rloo.yaml``: GRPOModule with leave-one-out advantages, the KL taken from the rewards and
+    whole-completion ratios, two prompt batches on the bundled GSM8K questions."""
+    cli = _fit("rloo.yaml", tmp_path, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+               "--model.max_new_tokens=8", "--trainer.enable_progress_bar=false")  # fmt: skip
+    module = cli.model
+    assert (module.advantage_estimator, module.kl_in_reward, module.importance_sampling_level) == (
+        "rloo", True, "sequence_sum")  # fmt: skip
+    assert cli.trainer.global_step == 2
+    assert {"train/reward_mean", "train/kl", "train/policy_loss", "val/reward_mean"} <= set(
+        cli.trainer.callback_metrics
+    )
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_online_dpo_config_runs_on_gsm8k_and_exports_the_policy(tmp_path):
+    cli = _fit(
+        "online_dpo.yaml",
+        tmp_path,
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--model.max_new_tokens=8",
+        "--trainer.enable_progress_bar=false",
+    )
+    logged = cli.trainer.callback_metrics
+    assert {"train/loss", "train/reward_mean", "train/kl", "train/tie_fraction", "train/rewards/margins",
+            "val/reward_mean"} <= set(logged)  # fmt: skip
+    assert cli.trainer.global_step == 2
+    assert [type(fn).__name__ for fn in cli.model.rollout_stage.reward_fns] == ["NumericAnswerReward", "LengthReward"]
+    assert (tmp_path / "export" / "model.safetensors").exists()

@@ -130,7 +130,7 @@ def _trl_loss(loss_type, beta, label_smoothing, pc, pr, rc, rr, n_c, n_r, discop
     return loss, metrics
 
 
-TRL_TYPES = [t for t in DPO_LOSS_TYPES if t != "simpo"]  # SimPO lives in TRL's CPO trainer, not DPO
+TRL_TYPES = [t for t in DPO_LOSS_TYPES if t not in ("simpo", "orpo")]  # in TRL's CPO and ORPO trainers, not DPO
 
 
 @pytest.mark.parametrize("loss_type", TRL_TYPES)
@@ -152,3 +152,52 @@ def test_every_loss_type_matches_trl(loss_type, beta):
     assert losses.mean().item() == pytest.approx(expected.item(), abs=1e-6, rel=1e-6)
     assert chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
     assert (chosen_rewards > rejected_rewards).float().mean().item() == pytest.approx(metrics["rewards/accuracies"])
+
+
+# ----- ORPO ----------------------------------------------------------------------------------------------------------
+def _trl_orpo(beta, chosen_avg, rejected_avg, chosen_token_logps):
+    """TRL's ``ORPOTrainer.odds_ratio_loss`` itself, and its loss ``nll - mean(odds-ratio term)`` with the NLL as TRL
+    computes it: cross-entropy over the batch's chosen tokens."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    trainer = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    losses, chosen_rewards, rejected_rewards, ratio, log_odds = ORPOTrainer.odds_ratio_loss(
+        trainer, chosen_avg, rejected_avg
+    )
+    nll = -torch.cat(chosen_token_logps).mean()
+    return nll - losses.mean(), losses, chosen_rewards, log_odds  # log_odds: TRL's batch mean
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_matches_trls_odds_ratio_loss(beta):
+    """Per pair, ORPO's odds-ratio term equals TRL 1.16's ``odds_ratio_loss`` on random average log-probs (near 0
+    too, where ``log(1 - e^a)`` cancels); with equal chosen lengths the whole loss equals TRL's ``nll - mean(term)``
+    (TRL's NLL is the mean over the batch's chosen tokens; ours is per example, the same here)."""
+    pytest.importorskip("trl", minversion="1.16")
+    from lit_align.losses import orpo_log_odds_ratio
+
+    generator = torch.Generator().manual_seed(11)
+    pairs, length = 7, 5
+    token_c = -torch.rand(pairs, length, generator=generator, dtype=torch.float64) * 3
+    token_c[0] = -1e-4  # a response the policy is almost sure of: P close to 1
+    n_c = torch.full((pairs,), length)
+    n_r = torch.randint(1, 30, (pairs,), generator=generator)
+    pr = -torch.rand(pairs, generator=generator, dtype=torch.float64) * 40
+    pc = token_c.sum(-1)
+    expected, trl_terms, trl_chosen_rewards, trl_log_odds = _trl_orpo(beta, pc / n_c, pr / n_r, list(token_c))
+    losses, chosen_rewards, _ = dpo_loss(pc, pr, None, None, beta=beta, loss_type="orpo", chosen_lengths=n_c,
+                                         rejected_lengths=n_r)  # fmt: skip
+    log_odds, term = orpo_log_odds_ratio(pc / n_c, pr / n_r)
+    assert torch.allclose(beta * term.double(), trl_terms.double(), atol=1e-6)
+    assert log_odds.mean().item() == pytest.approx(trl_log_odds.item(), abs=1e-5)  # TRL returns the batch mean
+    assert losses.mean().item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.allclose(chosen_rewards, trl_chosen_rewards.float(), atol=1e-6)
+
+
+def test_orpo_by_hand():
+    """One pair, average log-probs ``a_w = ln 0.5`` and ``a_l = ln 0.25``: odds 1 and 1/3, log odds ratio ln 3, loss
+    ``-ln 0.5 - beta log sigmoid(ln 3) = ln 2 - beta ln 0.75``; reference-free (no reference log-probs)."""
+    losses, _, _ = dpo_loss(torch.tensor([2 * math.log(0.5)]), torch.tensor([3 * math.log(0.25)]), None, None,
+                            beta=0.5, loss_type="orpo", chosen_lengths=torch.tensor([2]),
+                            rejected_lengths=torch.tensor([3]))  # fmt: skip
+    assert losses.item() == pytest.approx(math.log(2) - 0.5 * math.log(0.75), rel=1e-6)

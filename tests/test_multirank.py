@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 pytestmark = pytest.mark.multirank
 
 HERE = Path(__file__).parent
-METHODS = ["sft", "reward", "dpo", "dpo_precomputed", "dpo_lora", "ppo", "grpo"]
+METHODS = ["sft", "reward", "dpo", "dpo_precomputed", "dpo_lora", "kto", "ppo", "grpo", "online_dpo", "distill"]
 STRATEGIES = ["ddp", "fsdp2"]
 LAUNCH_TIMEOUT = 400  # seconds for one launch of all methods
 

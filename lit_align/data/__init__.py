@@ -7,6 +7,7 @@ from lit_align.data.prompts import PromptCollator, PromptDataModule
 from lit_align.data.sources import DataError, read_records
 from lit_align.data.templates import TemplateSet, load_templates
 from lit_align.data.tokenize import SegmentEncoder
+from lit_align.data.unpaired import UnpairedCollator, UnpairedDataModule
 
 __all__ = [
     "DataError",
@@ -18,6 +19,8 @@ __all__ = [
     "SFTCollator",
     "SegmentEncoder",
     "TemplateSet",
+    "UnpairedCollator",
+    "UnpairedDataModule",
     "load_templates",
     "read_records",
 ]

@@ -243,6 +243,29 @@ class PreferenceDataModule(RecordsDataModule):
         """``{"prompt_ids", "response_ids": [K lists], "pairs"}``; ``None`` (counted) if no usable pair is left.
         Each response is tokenized as it follows the prompt (see :class:`~lit_align.data.tokenize.SegmentEncoder`),
         so ``prompt_ids + response_ids[k]`` is exactly the sequence that a single prompt/response pair would give."""
+        prompt_ids, response_ids, empty = self.encode_responses(comparison, counts, where)
+        pairs = []
+        for better, worse in comparison.pairs:
+            if comparison.contents[better] == comparison.contents[worse]:
+                counts["dropped_identical"] += 1
+            elif empty[better] or empty[worse]:
+                counts[empty[better] or empty[worse]] += 1
+            elif not response_ids[better] or not response_ids[worse]:
+                counts["dropped_empty_after_truncation"] += 1
+            elif response_ids[better] == response_ids[worse]:
+                counts["dropped_identical_after_truncation"] += 1
+            else:
+                pairs.append((better, worse))
+        if not pairs:
+            return None
+        return {"prompt_ids": prompt_ids, "response_ids": response_ids, "pairs": pairs}
+
+    def encode_responses(
+        self, comparison: Comparison, counts: Counter, where: str = "input"
+    ) -> tuple[list[int], list[list[int]], list[str | None]]:
+        """``(prompt_ids, response_ids, empty)``: the prompt's tokens (``max_prompt_length`` applied), each response's
+        tokens as it follows the prompt, cut to ``max_length`` (counted), and why each response is empty (a count
+        name, see :func:`~lit_align.data.tokenize.empty_response`; its ids are then ``[]``) or ``None``."""
         prompt_ids = self.encoder.encode(comparison.prompt, add_eos=False, where=where).input_ids
         empty = [empty_response(self.tokenizer, content) for content in comparison.contents]
         response_ids = []
@@ -261,21 +284,7 @@ class PreferenceDataModule(RecordsDataModule):
             if len(ids) > budget:
                 counts["truncated"] += 1
                 response_ids[k] = ids[: max(budget, 0)]
-        pairs = []
-        for better, worse in comparison.pairs:
-            if comparison.contents[better] == comparison.contents[worse]:
-                counts["dropped_identical"] += 1
-            elif empty[better] or empty[worse]:
-                counts[empty[better] or empty[worse]] += 1
-            elif not response_ids[better] or not response_ids[worse]:
-                counts["dropped_empty_after_truncation"] += 1
-            elif response_ids[better] == response_ids[worse]:
-                counts["dropped_identical_after_truncation"] += 1
-            else:
-                pairs.append((better, worse))
-        if not pairs:
-            return None
-        return {"prompt_ids": prompt_ids, "response_ids": response_ids, "pairs": pairs}
+        return prompt_ids, response_ids, empty
 
 
 @dataclass

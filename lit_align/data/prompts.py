@@ -20,7 +20,7 @@ from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.sources import DataError, DataSource, Record
 from lit_align.data.tokenize import SegmentEncoder, check_messages, check_prompt_messages, check_text, render_chat
 from lit_align.models import load_tokenizer
-from lit_align.ops import pad_sequences, position_ids_from_mask
+from lit_align.ops import IGNORE_INDEX, pad_sequences, position_ids_from_mask
 
 
 def _template_fields(template: str) -> list[str]:
@@ -41,7 +41,8 @@ class PromptCollator:
     only, so padding never shifts positions) ``[B, P]``, ``prompt_text`` (a list of the prompts as text, for
     reward functions that read text), ``keys`` ``[B]`` (each prompt's index in its split, which keyed sampling
     hashes), when the examples carry one, ``references`` (a list of reference answers for reward functions that
-    check them), and when any example is padding (see
+    check them), ``completion_ids`` (a list of each prompt's reference completion as token ids, when the examples carry
+    one: ``PromptDataModule(completions=True)``), and when any example is padding (see
     :meth:`~lit_align.data.base.RecordsDataModule.neutral_example`), ``is_padding`` ``[B]`` (metrics skip those).
 
     Args:
@@ -61,6 +62,8 @@ class PromptCollator:
         }
         if examples and all("reference" in e for e in examples):
             batch["references"] = [e["reference"] for e in examples]
+        if examples and all("completion_ids" in e for e in examples):
+            batch["completion_ids"] = [list(e["completion_ids"]) for e in examples]
         if examples and all("key" in e for e in examples):
             batch["keys"] = torch.tensor([e["key"] for e in examples], dtype=torch.long)
         if any(e.get("padding") for e in examples):
@@ -96,6 +99,11 @@ class PromptDataModule(RecordsDataModule):
         batch_size: prompts per rollout batch on each device (and pre-training sequences per ptx batch).
         num_workers: data-loader worker processes.
         seed: seed for the validation split and the data order.
+        completions: also keep each row's own response, for methods that train on the data's completions as well
+            as on samples (on-policy distillation's ``lmbda < 1``): rows must then be instruction-shaped
+            (prompt/completion, Alpaca, Self-Instruct, a chat: its last assistant turn), tokenized as SFT tokenizes
+            them (the prompt an exact prefix), and batches carry ``completion_ids``. A row without a response is a
+            ``DataError`` naming it.
     """
 
     def __init__(
@@ -114,9 +122,11 @@ class PromptDataModule(RecordsDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        completions: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.completions = completions
         self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
         self.pretrain_data = pretrain_data
         self.prompt_template, self.reference_field = prompt_template, reference_field
@@ -134,6 +144,7 @@ class PromptDataModule(RecordsDataModule):
         self._pretraining = InstructionDataModule(
             self.tokenizer, [], max_length=max_pretrain_length, train_on_prompt=True, bad_rows=bad_rows
         )
+        self._with_completions = InstructionDataModule(self.tokenizer, [], max_length=1 << 30, bad_rows=bad_rows)
         self._ptx_sampler: ResumableSampler | None = None
         self.ptx_dataset: list[dict[str, Any]] | None = None
 
@@ -169,6 +180,8 @@ class PromptDataModule(RecordsDataModule):
         return {**example, "padding": True}
 
     def encode_record(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
+        if self.completions:
+            return self.completion_examples(record, index, counts)
         examples = []
         for text in self.prompt_texts(record, index):
             if not text.strip():
@@ -185,6 +198,25 @@ class PromptDataModule(RecordsDataModule):
                 value = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
                 example["reference"] = check_text(value, record.where, self.reference_field)
             examples.append(example)
+        return examples
+
+    def completion_examples(self, record: Record, index: int, counts: Counter) -> list[dict[str, Any]]:
+        """With ``completions``: each example of an instruction-shaped row as its prompt and its (last) response,
+        split where SFT's labels start, so the prompt tokens are those inference encodes."""
+        examples = []
+        for encoded in self._with_completions.encode_record(record, index, counts):
+            ids, labels = encoded["input_ids"], encoded["labels"]
+            end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+            start = end
+            while start > 0 and labels[start - 1] != IGNORE_INDEX:
+                start -= 1
+            prompt = ids[:start]
+            if len(prompt) > self.max_prompt_length:
+                keep = len(self.encoder.prefix)
+                prompt = prompt[:keep] + prompt[len(prompt) - (self.max_prompt_length - keep) :]
+                counts["prompt_truncated"] += 1
+            text = self.tokenizer.decode(ids[:start], skip_special_tokens=True)
+            examples.append({"prompt_ids": prompt, "prompt_text": text, "completion_ids": ids[start:end]})
         return examples
 
     # ----- pre-training mix ---------------------------------------------------------------------------------------

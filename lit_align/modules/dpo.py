@@ -3,26 +3,20 @@ providing the reference policy."""
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import logging
-import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_align.checkpoint import archive_problem
-from lit_align.forward import eval_mode, response_logps
+from lit_align.forward import response_logps
 from lit_align.losses import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, dpo_loss, mean_over_groups
-from lit_align.models import load_causal_lm
+from lit_align.modules import reference as ref
 from lit_align.modules.base import AlignModule, zero_dropout
-from lit_align.parallel import full_tensor
+from lit_align.modules.reference import default_cache_dir, examples_fingerprint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +29,7 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-_CACHE_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """Where precomputed reference log-probs are kept: ``$LIT_ALIGN_CACHE/reference_logps``, by default under
-    ``~/.cache/lit_align``."""
-    root = os.environ.get("LIT_ALIGN_CACHE") or Path.home() / ".cache" / "lit_align"
-    return Path(root) / "reference_logps"
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer of ``model`` (names, dtypes, shapes and values), the same whether the
-    model is whole or sharded (each sharded tensor is gathered in turn: every rank must call it)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = full_tensor(tensor).detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def examples_fingerprint(examples: Sequence[Mapping[str, Any]]) -> str:
-    """A hash of the token ids of every example (so of the data and the tokenizer that produced them)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for example in examples:
-        digest.update(repr((example["prompt_ids"], example["response_ids"])).encode())
-    return digest.hexdigest()
+__all__ = ["DPOModule", "default_cache_dir", "examples_fingerprint", "weights_fingerprint"]
 
 
 class DPOModule(AlignModule):
@@ -81,7 +49,8 @@ class DPOModule(AlignModule):
         beta: strength of the KL regularisation towards the reference (DPO's beta; IPO's tau).
         loss_type: one of ``sigmoid`` (DPO), ``hinge``, ``ipo``, ``robust``, ``exo_pair``, ``nca_pair``,
             ``bco_pair``, ``sppo_hard``, ``apo_zero``, ``apo_down``, ``discopop``, ``sigmoid_norm``, ``simpo``
-            (reference-free); see :func:`~lit_align.losses.dpo_loss`.
+            and ``orpo`` (reference-free: ORPO's ``beta`` is its lambda, the odds-ratio term's weight beside the
+            chosen response's NLL); see :func:`~lit_align.losses.dpo_loss`.
         label_smoothing: assumed label-noise rate (cDPO with ``sigmoid``, ``robust``, ``exo_pair``).
         simpo_gamma: SimPO's target reward margin.
         discopop_tau: DiscoPOP's temperature.
@@ -93,7 +62,7 @@ class DPOModule(AlignModule):
             disk, keyed by the reference weights, the token ids and the precision, so no reference is resident while
             training and later runs on the same data reuse them.
             ``"adapter"``: with ``lora``, the base model with the adapter disabled (no second copy).
-            ``"none"``: reference-free losses (``simpo``).
+            ``"none"``: reference-free losses (``simpo``, ``orpo``).
             ``"auto"``: ``none`` for reference-free losses, ``adapter`` with ``lora``, else ``copy``.
         ref_model: a different reference than the starting policy (hub id or local directory); with
             ``"precomputed"`` it is loaded only for the precomputation.
@@ -153,7 +122,7 @@ class DPOModule(AlignModule):
         self.val_loss = MeanMetric()
         # Whether the policy may differ from its source: after any weight load or optimizer step it can no longer
         # stand in for the reference when precomputing.
-        self._policy_changed = False
+        self.policy_changed = False
 
     # ----- the reference -----------------------------------------------------------------------------------------
     def configure_roles(self) -> None:
@@ -164,119 +133,27 @@ class DPOModule(AlignModule):
 
     def build_reference(self) -> nn.Module:
         """A frozen reference policy: ``ref_model`` if given, else a copy of the (just built, untrained) policy."""
-        if self.ref_model_name is not None:
-            reference = load_causal_lm(self.ref_model_name, self.tokenizer, self.dtype_name, self.trust_remote_code,
-                                       empty=self.empty_init)  # fmt: skip
-        else:
-            reference = copy.deepcopy(self.model)
-        return reference.requires_grad_(False).eval()
+        return ref.build_reference(self)
 
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """``[N]`` reference log-probs of the batch's responses (``None`` when reference-free)."""
-        if self.reference == "none":
-            return None
-        if self.reference == "precomputed":
-            if "ref_logps" not in batch:
-                raise RuntimeError(
-                    "reference='precomputed' but the batch carries no 'ref_logps': they are attached to the "
-                    "DataModule's examples when fitting starts (use a PreferenceDataModule with trainer.fit)"
-                )
-            return batch["ref_logps"].float()
-        with torch.no_grad():
-            if self.reference == "adapter":
-                with eval_mode(self.model), self.model.disable_adapter():
-                    return response_logps(self.model, batch)
-            return response_logps(self.ref_model, batch)
+        return ref.reference_logps(self, batch)
 
     # ----- precomputed reference log-probs ---------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        self._attach_reference_logps()
+        ref.attach_reference_logps(self)
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
         if not self.trainer.training and not self.trainer.sanity_checking:  # trainer.validate on its own
-            self._attach_reference_logps()
+            ref.attach_reference_logps(self)
 
-    def _attach_reference_logps(self) -> None:
-        if self.reference != "precomputed":
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "train_dataset"):
-            raise RuntimeError("reference='precomputed' needs a PreferenceDataModule passed to the Trainer")
-        self.precompute_reference(datamodule)
-
-    @torch.no_grad()
     def precompute_reference(self, datamodule: Any) -> None:
         """Attach ``ref_logps`` to every training and validation example of ``datamodule`` that lacks them, from
         the disk cache when present, else by one forward-only pass of the reference (then cached). The reference is
         the starting policy itself when training has not begun (no second copy), else it is re-created from its
-        source."""
-        splits = {"train": datamodule.train_dataset or [], "val": datamodule.val_dataset or []}
-        reference, fingerprint = None, None
-        for split, examples in splits.items():
-            if not examples or all("ref_logps" in e for e in examples):
-                continue
-            if reference is None:
-                reference = self._reference_for_precompute()
-                fingerprint = weights_fingerprint(reference)
-            key = hashlib.blake2b(
-                f"{_CACHE_VERSION}:{fingerprint}:{examples_fingerprint(examples)}:{self.trainer.precision}".encode(),
-                digest_size=16,
-            ).hexdigest()
-            path = self.ref_cache_dir / f"{key}.pt"
-            # Decided by all ranks together: nodes that do not share the cache directory compute it together
-            # (the computation is a collective), and each node's first rank writes its own copy.
-            if self.trainer.strategy.reduce_boolean_decision(path.exists(), all=True):
-                values = _load_cache(path, len(examples))
-                rank_zero_info(f"lit_align: reference log-probs for {split} ({len(examples)} examples) from {path}")
-            else:
-                values = self._compute_reference_logps(reference, examples, datamodule)
-                if self.trainer.local_rank == 0 and not path.exists():
-                    _save_cache(path, values)
-                rank_zero_info(f"lit_align: reference log-probs for {split} computed and cached at {path}")
-            for example, logps in zip(examples, values):
-                example["ref_logps"] = logps.tolist()
-        if reference is not None and reference is not self.model:
-            del reference
-
-    def _reference_for_precompute(self) -> nn.Module:
-        if self.ref_model_name is None and not self._policy_changed:
-            return self.model  # still the starting policy
-        if self.ref_model_name is None and self.model_name_or_path is None:
-            raise RuntimeError("cannot re-create the reference of a policy given as an nn.Module; pass ref_model")
-        name = self.ref_model_name or self.model_name_or_path
-        if getattr(self, "_device_mesh", None) is None:
-            return load_causal_lm(name, self.tokenizer, self.dtype_name, self.trust_remote_code).to(self.device).eval()
-        # sharded like the models configure_model made: rank 0 reads it, the others receive their shards
-        empty = self.trainer.world_size > 1 and self.trainer.global_rank != 0
-        reference = load_causal_lm(name, self.tokenizer, self.dtype_name, self.trust_remote_code, empty=empty)
-        return self.distribute(reference.requires_grad_(False).eval(), frozen=True)
-
-    def _compute_reference_logps(
-        self, reference: nn.Module, examples: Sequence[Mapping[str, Any]], datamodule: Any
-    ) -> list[torch.Tensor]:
-        """Reference log-probs of each example's responses; ranks share the work and exchange the results."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        batch_size = self.ref_batch_size or datamodule.batch_size
-        mine = list(range(rank, len(examples), world))
-        results: dict[int, torch.Tensor] = {}
-        # as many forward passes on every rank (a sharded reference all-gathers in each): the last may be a repeat
-        passes = math.ceil(math.ceil(len(examples) / world) / batch_size)
-        with eval_mode(reference):
-            for start in range(0, passes * batch_size, batch_size):
-                indices = mine[start : start + batch_size] or [0]  # [0]: a repeat, its values are not kept
-                batch = datamodule.collator([_without_ref(examples[i]) for i in indices])
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self.trainer.precision_plugin.forward_context():
-                    logps = response_logps(reference, batch).float().cpu()
-                sizes = [len(examples[i]["response_ids"]) for i in indices]
-                for i, values in zip(mine[start : start + batch_size], logps.split(sizes)):
-                    results[i] = values
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, results)
-            results = {i: v for part in gathered for i, v in part.items()}
-        return [results[i] for i in range(len(examples))]
+        source (:func:`lit_align.modules.reference.precompute_reference`)."""
+        ref.precompute_reference(self, datamodule)
 
     # ----- the loss --------------------------------------------------------------------------------------------
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -328,10 +205,10 @@ class DPOModule(AlignModule):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         super().on_before_optimizer_step(optimizer)
-        self._policy_changed = True
+        self.policy_changed = True
 
     def on_weights_loaded(self) -> None:
-        self._policy_changed = True
+        self.policy_changed = True
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.compute_loss(batch)
@@ -345,31 +222,3 @@ class DPOModule(AlignModule):
 
 def _key(name: str) -> str:
     return name.replace("/", "_")
-
-
-def _without_ref(example: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in example.items() if k != "ref_logps"}
-
-
-def _save_cache(path: Path, values: list[torch.Tensor]) -> None:
-    """Write atomically: a run killed mid-write never leaves a torn cache file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"version": _CACHE_VERSION, "logps": values}, tmp)
-    os.replace(tmp, path)
-
-
-def _load_cache(path: Path, n_examples: int) -> list[torch.Tensor]:
-    try:
-        problem = archive_problem(path)
-        if problem is not None:
-            raise ValueError(problem)
-        data = torch.load(path, weights_only=True)
-        values = data["logps"]
-        if len(values) != n_examples:
-            raise ValueError(f"{len(values)} entries for {n_examples} examples")
-        return values
-    except Exception as error:  # noqa: BLE001 - any unreadable cache is reported the same way
-        # The cause stays chained; the message does not repeat torch's advice to load unsafely.
-        message = f"reference log-prob cache {path} is unreadable ({error}); delete it to recompute"
-        raise RuntimeError(message) from error

@@ -15,7 +15,16 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_align.forward import eval_mode
-from lit_align.losses import GRPO_LOSS_TYPES, grpo_advantages, grpo_policy_loss, truncated_importance_weights
+from lit_align.losses import (
+    ADVANTAGE_ESTIMATORS,
+    GRPO_LOSS_TYPES,
+    check_importance_sampling,
+    grpo_advantages,
+    grpo_policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    truncated_importance_weights,
+)
 from lit_align.models import load_frozen_reward_model
 from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
 from lit_align.rewards import RewardFunction
@@ -35,6 +44,7 @@ class GroupRollout:
     ref_logps: torch.Tensor | None  # [N, R] when kl_coef != 0
     token_weights: torch.Tensor | None = None  # [N, R] truncated importance weights against the sampler, if asked
     mismatch: dict[str, torch.Tensor] | None = None  # the sampler's log-probs against the trainer's
+    reward_kl: torch.Tensor | None = None  # [] mean per-token k1 KL taken from the rewards (kl_in_reward)
 
 
 class GRPOModule(AlignModule):
@@ -64,8 +74,22 @@ class GRPOModule(AlignModule):
         loss_type: how tokens are aggregated, see :func:`~lit_align.losses.grpo_policy_loss`: ``"dapo"`` (token
             sum over the generation batch's token count, the default), ``"grpo"`` (the paper's per-completion mean),
             ``"bnpo"``, ``"dr_grpo"``.
-        scale_rewards: ``"group"`` (divide by the group's standard deviation, the paper), ``"batch"`` or ``"none"``
-            (Dr. GRPO).
+        advantage_estimator: the baseline a completion's reward is measured against. ``"grpo"``: its group's mean
+            (the paper). ``"rloo"``: the mean of the *other* completions of its prompt (REINFORCE leave-one-out,
+            Ahmadian et al. 2024, :func:`~lit_align.losses.rloo_advantages`). ``"reinforce_pp"``: its group's mean,
+            normalised over the whole batch (REINFORCE++-baseline, Hu et al. 2025,
+            :func:`~lit_align.losses.reinforce_pp_advantages`).
+        scale_rewards: what the centred rewards are divided by: ``"group"`` (the group's standard deviation, the
+            paper), ``"batch"`` (the batch's: of the rewards for ``grpo`` as TRL's GRPO, of the advantages for
+            ``rloo``, TRL's ``normalize_advantages``) or ``"none"`` (Dr. GRPO). Default: ``group`` for ``grpo``,
+            ``none`` for ``rloo``, ``batch`` for ``reinforce_pp`` (the only one it takes).
+        kl_in_reward: subtract ``kl_coef`` times each completion's summed ``k1`` KL to the reference from its reward
+            (RLOO's and InstructGPT's placement, as TRL's ``RLOOTrainer``) instead of adding the ``k3`` estimate to the
+            loss (GRPO's).
+        importance_sampling_level: ``"token"`` (per-token ratios, GRPO), ``"sequence"`` (GSPO, Zheng et al. 2025: one
+            length-normalised ratio per completion) or ``"sequence_sum"`` (the completion's whole probability ratio,
+            as TRL's ``RLOOTrainer``); see :func:`~lit_align.losses.grpo_policy_loss`. The sequence levels take
+            ``loss_type: grpo``.
         clip_eps, clip_eps_high: the ratio's clip range ``[1 - clip_eps, 1 + clip_eps_high]`` (``clip_eps_high``
             defaults to ``clip_eps``; DAPO uses 0.28).
         num_iterations: optimisation passes over each rollout batch (the paper's ``mu``; 1 is on-policy).
@@ -101,7 +125,10 @@ class GRPOModule(AlignModule):
         group_size: int = 8,
         kl_coef: float = 0.04,
         loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo",
-        scale_rewards: Literal["group", "batch", "none"] = "group",
+        advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo",
+        scale_rewards: Literal["group", "batch", "none"] | None = None,
+        kl_in_reward: bool = False,
+        importance_sampling_level: Literal["token", "sequence", "sequence_sum"] = "token",
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         num_iterations: int = 1,
@@ -134,8 +161,20 @@ class GRPOModule(AlignModule):
             raise ValueError(f"group_size must be at least 2 (advantages are relative to the group), got {group_size}")
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {GRPO_LOSS_TYPES}")
-        if scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"unknown scale_rewards {scale_rewards!r}; choose 'group', 'batch' or 'none'")
+        if advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"unknown advantage_estimator {advantage_estimator!r}; choose one of "
+                             f"{ADVANTAGE_ESTIMATORS}")  # fmt: skip
+        if scale_rewards is None:
+            scale_rewards = {"grpo": "group", "rloo": "none", "reinforce_pp": "batch"}[advantage_estimator]
+        allowed = {"grpo": ("group", "batch", "none"), "rloo": ("batch", "none"), "reinforce_pp": ("batch",)}
+        if scale_rewards not in allowed[advantage_estimator]:
+            raise ValueError(
+                f"unknown scale_rewards {scale_rewards!r} for advantage_estimator {advantage_estimator!r}; choose one "
+                f"of {allowed[advantage_estimator]}"
+            )
+        check_importance_sampling(importance_sampling_level, loss_type)
+        if kl_in_reward and kl_coef == 0:
+            raise ValueError("kl_in_reward takes the KL penalty from the rewards: it needs kl_coef > 0")
         check_options(
             *sampling_checks(max_new_tokens, temperature, top_p),
             ("num_iterations", num_iterations, num_iterations >= 1, "at least 1"),
@@ -150,6 +189,8 @@ class GRPOModule(AlignModule):
         self.reward_model_name = reward_model
         self.group_size, self.kl_coef = group_size, kl_coef
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
+        self.advantage_estimator, self.kl_in_reward = advantage_estimator, kl_in_reward
+        self.importance_sampling_level = importance_sampling_level
         self.clip_eps, self.clip_eps_high, self.tis_cap = clip_eps, clip_eps_high, tis_cap
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
         self.max_new_tokens = max_new_tokens
@@ -208,26 +249,44 @@ class GRPOModule(AlignModule):
         batches = [stage.pack(experience, range(s, min(s + step, n_prompts)), self.device)
                    for s in range(0, n_prompts, step)]  # fmt: skip
         rewards = stage.score(experience, self.reward_model, self.reward_offset, batches).rewards
-        batch_std = None
-        if self.scale_rewards == "batch" and self._trainer is not None and self.trainer.world_size > 1:
-            batch_std = self.all_gather(rewards).flatten().std()  # the batch is every device's
-        advantages, zero_std = grpo_advantages(rewards, self.group_size, self.scale_rewards, batch_std=batch_std)
         mask = experience.completion_mask
         policy_moves = self.num_iterations > 1 or len(batches) > 1
-        old_logps = ref_logps = token_weights = None
+        old_logps = ref_logps = token_weights = reward_kl = None
         mismatch: dict[str, torch.Tensor] = {}
-        if policy_moves or experience.sampler_logps is not None:
+        if policy_moves or experience.sampler_logps is not None or self.kl_in_reward:
             with eval_mode(self.model):
                 old_logps = torch.cat([stage.completion_logps(self.model, b, width).logps for b in batches])
             mismatch = stage.mismatch(experience, old_logps)
             if self.tis_cap is not None and experience.sampler_logps is not None:
                 token_weights = truncated_importance_weights(old_logps, experience.sampler_logps, mask, self.tis_cap)
-            old_logps = old_logps if policy_moves else None  # else the ratio is exactly 1: no need to keep it
         if self.kl_coef != 0:
             with self._reference() as reference:
                 ref_logps = torch.cat([stage.completion_logps(reference, b, width).logps for b in batches])
+        if self.kl_in_reward:  # k1 summed over each completion, from the policy that sampled it
+            kl = (old_logps - ref_logps) * mask
+            rewards = rewards - self.kl_coef * kl.sum(-1).to(rewards.device, rewards.dtype)
+            reward_kl = kl.sum() / mask.sum().clamp(min=1)
+            ref_logps = None  # the loss has no KL term
+        old_logps = old_logps if policy_moves else None  # else the ratio is exactly 1: no need to keep it
+        advantages, zero_std = self.advantages(rewards)
         loss_mask = mask * experience.has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
-        return GroupRollout(experience, loss_mask, advantages, zero_std, old_logps, ref_logps, token_weights, mismatch)
+        return GroupRollout(experience, loss_mask, advantages, zero_std, old_logps, ref_logps, token_weights, mismatch,
+                            reward_kl)  # fmt: skip
+
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages [N], zero_std [N])`` of a rollout's rewards by ``advantage_estimator`` and
+        ``scale_rewards``; a batch-wide standard deviation is taken over every device's completions."""
+        estimator, scale, g = self.advantage_estimator, self.scale_rewards, self.group_size
+        batch_std = None
+        if scale == "batch" and self._trainer is not None and self.trainer.world_size > 1:
+            unscaled = {"grpo": rewards, "rloo": rloo_advantages(rewards, g)[0],
+                        "reinforce_pp": grpo_advantages(rewards, g, "none")[0]}[estimator]  # fmt: skip
+            batch_std = self.all_gather(unscaled).flatten().std()  # the batch is every device's
+        if estimator == "rloo":
+            return rloo_advantages(rewards, g, normalize=scale == "batch", batch_std=batch_std)
+        if estimator == "reinforce_pp":
+            return reinforce_pp_advantages(rewards, g, batch_std=batch_std)
+        return grpo_advantages(rewards, g, scale, batch_std=batch_std)
 
     def sample(self, prompts: Mapping[str, Any], group_size: int | None = None) -> Experience:
         """Completions of the policy for a batch of prompts (``group_size`` each, default the module's)."""
@@ -259,10 +318,13 @@ class GRPOModule(AlignModule):
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         loss, stats = grpo_policy_loss(
             logps, pick(rollout.old_logps), rollout.advantages[rows], rollout.loss_mask[rows],
-            ref_logps=pick(rollout.ref_logps), kl_coef=self.kl_coef, clip_eps=self.clip_eps,
-            clip_eps_high=self.clip_eps_high, loss_type=self.loss_type, max_completion_length=self.max_new_tokens,
-            n_tokens=n_tokens, token_weights=pick(rollout.token_weights),
+            ref_logps=pick(rollout.ref_logps), kl_coef=0.0 if self.kl_in_reward else self.kl_coef,
+            clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, loss_type=self.loss_type,
+            max_completion_length=self.max_new_tokens, n_tokens=n_tokens, token_weights=pick(rollout.token_weights),
+            importance_sampling_level=self.importance_sampling_level,
         )  # fmt: skip
+        if rollout.reward_kl is not None:  # the KL was taken from the rewards, not the loss
+            stats["kl"] = rollout.reward_kl
         return loss, {**stats, "policy_loss": loss.detach(), "entropy": entropy.mean()}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

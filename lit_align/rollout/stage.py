@@ -125,15 +125,17 @@ class RolloutStage:
 
     def completion_logps(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor], width: int, entropy: bool = False,
-        hidden: bool = False,
+        hidden: bool = False, temperature: float | None = None,
     ) -> TokenLogps:  # fmt: skip
         """Log-probs of the completion tokens of a packed ``batch`` under ``model`` at the sampling temperature (the
-        distribution they were drawn from), ``[n, width]``; the unembedding runs only at the positions that predict
-        completion tokens. One forward of the model's FSDP root when it is sharded."""
+        distribution they were drawn from), ``[n, width]``, or at ``temperature`` when given (online DPO scores the
+        policy itself, at 1); the unembedding runs only at the positions that predict completion tokens. One forward
+        of the model's FSDP root when it is sharded."""
+        temperature = self.temperature if temperature is None else temperature
 
         def forward() -> TokenLogps:
             states = backbone_hidden_states(model, batch)[batch["target_row"], batch["target_col"]]
-            out = unembedding_logps(model, states, batch["target_id"], temperature=self.temperature,
+            out = unembedding_logps(model, states, batch["target_id"], temperature=temperature,
                                     return_entropy=entropy)  # fmt: skip
             flat = out[0] if entropy else out
             return TokenLogps(to_completions(flat, batch, width), out[1] if entropy else None,

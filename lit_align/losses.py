@@ -320,9 +320,11 @@ def orpo_log_odds_ratio(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torc
         chosen_avg_logps, rejected_avg_logps: ``[P]`` per-token average log-probs (``< 0``) of each pair's responses.
 
     Returns:
-        ``(log_odds, log_sigmoid_log_odds)``, each ``[P]`` fp32; the second is minus the odds-ratio loss.
+        ``(log_odds, log_sigmoid_log_odds)``, each ``[P]`` fp32; the second is minus the odds-ratio loss. Average
+        log-probs are capped at ``-1e-6`` (fp32 log-softmax returns exactly 0 for a certain token, where
+        ``log(1 - e^0)`` is ``-inf`` and the gradient NaN).
     """
-    chosen, rejected = chosen_avg_logps.float(), rejected_avg_logps.float()
+    chosen, rejected = chosen_avg_logps.float().clamp(max=-1e-6), rejected_avg_logps.float().clamp(max=-1e-6)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     return log_odds, F.logsigmoid(log_odds)
 
@@ -659,9 +661,11 @@ def rloo_advantages(
 def reinforce_pp_advantages(
     rewards: torch.Tensor, group_size: int, eps: float = 1e-4, batch_std: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE++ with a group baseline (Hu et al. 2025, "REINFORCE++", sec. 3, the ``-baseline`` variant as verl
-    computes it): each completion's reward minus its group's mean, then divided by the standard deviation of those
-    centred rewards over the whole batch (global, not per-group, normalisation: no per-prompt difficulty weighting).
+    """REINFORCE++ with a group baseline (Hu et al. 2025, "REINFORCE++", sec. 3, the ``-baseline`` variant): each
+    completion's reward minus its group's mean, then divided by the standard deviation of those centred rewards over
+    the whole batch (global, not per-group, normalisation: no per-prompt difficulty weighting). Statistics are per
+    completion (verl's ``masked_whiten`` weighs them by token count and re-centres; the group centring makes the
+    batch mean 0 here already).
 
     Args:
         rewards: ``[N]`` rewards, ``N = B * group_size``, a prompt's completions consecutive.
@@ -754,8 +758,8 @@ def grpo_policy_loss(
     log_ratio = logps - old
     if importance_sampling_level == "sequence":
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-    elif importance_sampling_level == "sequence_sum":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
+    elif importance_sampling_level == "sequence_sum":  # capped: exp of a long sum overflows to inf, and inf * 0 = NaN
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True).clamp(max=20.0)
     ratio = torch.exp(log_ratio)  # [N, R] per token, [N, 1] per completion
     high = clip_eps if clip_eps_high is None else clip_eps_high
     per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + high) * advantages)
@@ -1059,6 +1063,8 @@ def score_pairs(rewards: torch.Tensor, group_size: int = 2) -> tuple[torch.Tenso
         raise ValueError(
             f"rewards must be [B * group_size] with group_size={group_size} >= 2; got {tuple(rewards.shape)}"
         )
+    if not torch.isfinite(rewards).all():  # argmax and argmin would both pick the NaN: a sample against itself
+        raise ValueError(f"cannot rank samples with non-finite rewards: {rewards.tolist()}")
     grouped = rewards.view(-1, group_size)
     offsets = torch.arange(0, rewards.numel(), group_size, device=rewards.device)
     chosen = grouped.argmax(-1)  # the first maximum (torch.argmax's documented rule)

@@ -165,6 +165,8 @@ class Record(L.Callback):
         metric = "train/value_loss_step" if isinstance(module, PPOModule) else "train/policy_loss_step"
         metric = "train/loss_step" if isinstance(module, DistillModule) else metric
         value = outputs["loss"] if outputs else trainer.callback_metrics[metric]
+        if isinstance(module, KTOModule):  # the logged global-batch loss (each rank's own loss is its share of it)
+            value = trainer.callback_metrics["train/loss"]
         self.losses.append(float(trainer.strategy.reduce(value.detach().float(), reduce_op="mean")))
 
 

@@ -166,3 +166,16 @@ def test_distillation_lowers_the_held_out_divergence_to_an_sft_teacher(tmp_path)
     after = L.Trainer(**QUIET).validate(module, data, verbose=False)[0]["val/divergence"]
     print(f"distillation: held-out per-token JSD to the SFT teacher {before:.3f} -> {after:.3f}")
     assert after < 0.5 * before
+
+
+def test_data_completions_take_instruction_rows_not_a_prompt_template():
+    """``completions: true`` reads rows as SFT does, so a ``prompt_template`` (or ``reference_field``) that it would
+    ignore is refused by name; and ``lmbda < 1`` on prompt-only data warns that every batch is on-policy."""
+    with pytest.raises(ValueError, match="takes no prompt_template or reference_field"):
+        PromptDataModule("tiny", completions=True, prompt_template="Question: {question}\nAnswer:")
+    module = DistillModule(model="tiny", teacher="tiny", teacher_seed=1, lmbda=0.5, max_new_tokens=4)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False)
+    trainer.datamodule = PromptDataModule(module.tokenizer)
+    module.trainer = trainer
+    with pytest.warns(UserWarning, match="every batch is trained on-policy"):
+        module.setup("fit")

@@ -201,3 +201,13 @@ def test_orpo_by_hand():
                             beta=0.5, loss_type="orpo", chosen_lengths=torch.tensor([2]),
                             rejected_lengths=torch.tensor([3]))  # fmt: skip
     assert losses.item() == pytest.approx(math.log(2) - 0.5 * math.log(0.75), rel=1e-6)
+
+
+def test_orpo_gradient_is_finite_for_a_response_the_policy_is_certain_of():
+    """fp32 log-softmax returns exactly 0 for a token whose logit leads by ~17; an average log-prob of 0 makes
+    ``log(1 - e^0) = -inf``: the average is capped just below 0, so the loss and its gradient stay finite."""
+    chosen = torch.tensor([0.0, -3.0], requires_grad=True)
+    losses, _, _ = dpo_loss(chosen, torch.tensor([-5.0, -4.0]), None, None, beta=0.1, loss_type="orpo",
+                            chosen_lengths=torch.tensor([2, 3]), rejected_lengths=torch.tensor([2, 3]))  # fmt: skip
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all()

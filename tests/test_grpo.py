@@ -564,9 +564,17 @@ def test_max_steps_counts_optimizer_steps_and_the_schedule_spans_the_run(tmp_pat
 def test_a_samplers_own_log_probs_are_compared_with_the_trainers_and_corrected(offset):
     """With a generator that reports its own log-probs (here the policy's own plus ``offset``): their distance to the
     trainer's is measured (``rollout/logp_diff_*``), and with ``tis_cap`` each token's weight is
-    ``min(exp(trainer - sampler), cap)``: 1 when they agree, ``min(e^0.5, 2)`` when the sampler is 0.5 nats lower."""
-    module = _module(generator=LogpsReportingGenerator(offset), tis_cap=2.0)
+    ``min(exp(trainer - sampler), cap)``: 1 when they agree, ``min(e^0.5, 2)`` when the sampler is 0.5 nats lower.
+    With one update per rollout the comparison is made on the update's own forward (the sampling policy's log-probs
+    in the trainer), so the rollout runs no policy forward of its own."""
+    module = _module(generator=LogpsReportingGenerator(offset), tis_cap=2.0, kl_coef=0.0)
+    calls = []
+    stage_logps = module.rollout_stage.completion_logps
+    module.rollout_stage.completion_logps = lambda *a, **k: calls.append(1) or stage_logps(*a, **k)
     rollout = module.rollout(_prompts(module))
+    assert rollout.mismatch == {} and rollout.token_weights is None and calls == []  # deferred to the update
+    loss, _ = module.policy_objective(rollout, [0, 1, 2], None)
+    assert len(calls) == 1 and torch.isfinite(loss)
     mask = rollout.experience.completion_mask.bool()
     assert rollout.mismatch["rollout/logp_diff_mean"].item() == pytest.approx(abs(offset), abs=1e-4)
     assert rollout.mismatch["rollout/logp_diff_max"].item() == pytest.approx(abs(offset), abs=1e-4)

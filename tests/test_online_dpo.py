@@ -321,3 +321,10 @@ def test_online_dpo_raises_a_learnable_reward(tmp_path):
     print(f"online DPO mean reward {first:.3f} -> {last:.3f} over {len(rewards)} batches; KL max {max(kls):.2f}")
     assert last > first + 0.2, rewards
     assert max(kls) < 8 * 10.0  # nats per completion: 10 a token
+
+
+def test_samples_with_non_finite_rewards_are_refused_not_paired_with_themselves():
+    """A NaN reward would be both a group's argmax and argmin (a sample paired with itself, counted but without
+    signal): ranking refuses it with an error that shows the rewards."""
+    with pytest.raises(ValueError, match="non-finite rewards"):
+        score_pairs(torch.tensor([float("nan"), 1.0, 0.5, 0.2]))

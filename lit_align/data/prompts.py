@@ -126,6 +126,11 @@ class PromptDataModule(RecordsDataModule):
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        if completions and (prompt_template is not None or reference_field is not None):
+            raise ValueError(
+                "completions: true reads instruction-shaped rows (prompt/completion, Alpaca, Self-Instruct, chats) as "
+                "SFT reads them, so it takes no prompt_template or reference_field; set those to null"
+            )
         self.completions = completions
         self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
         self.pretrain_data = pretrain_data

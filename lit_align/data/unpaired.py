@@ -197,10 +197,20 @@ def attach_kl_completions(examples: list[dict[str, Any]], max_length: int, count
     :class:`UnpairedDataModule`): the completions of the nearest earlier example, cyclically, whose prompt differs,
     cut to fit ``max_length`` after this example's prompt."""
     n = len(examples)
+    keys = [tuple(e["prompt_ids"]) for e in examples]
+    # one pass twice around the cycle: the nearest earlier example whose prompt differs is the one just before the
+    # run of equal prompts that ends at i (linear, however many rows share a prompt)
+    nearest: list[int | None] = [None] * n
+    last = None
+    for j in range(1, 2 * n):
+        i, previous = j % n, (j - 1) % n
+        if keys[previous] != keys[i]:
+            last = previous
+        if j >= n:
+            nearest[i] = last
     for i, example in enumerate(examples):
         prompt = example["prompt_ids"]
-        source = next((examples[(i - s) % n] for s in range(1, n) if examples[(i - s) % n]["prompt_ids"] != prompt),
-                      None)  # fmt: skip
+        source = None if nearest[i] is None else examples[nearest[i]]
         if source is None:  # one prompt in the whole split: no mismatched completion exists
             source = examples[(i - 1) % n]
             if counts is not None:

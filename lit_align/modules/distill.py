@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
@@ -231,6 +232,11 @@ class DistillModule(AlignModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if getattr(datamodule, "pretrain_data", None) is not None:
             raise ValueError("distillation has no pre-training mix: set pretrain_data: null on the PromptDataModule")
+        if self.lmbda < 1 and datamodule is not None and not getattr(datamodule, "completions", False):
+            rank_zero_warn(
+                f"lmbda={self.lmbda} asks for the data's own completions on {1 - self.lmbda:.0%} of the batches, but "
+                "the PromptDataModule keeps none (completions: false): every batch is trained on-policy"
+            )
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         super().on_before_optimizer_step(optimizer)

@@ -253,7 +253,9 @@ class GRPOModule(AlignModule):
         policy_moves = self.num_iterations > 1 or len(batches) > 1
         old_logps = ref_logps = token_weights = reward_kl = None
         mismatch: dict[str, torch.Tensor] = {}
-        if policy_moves or experience.sampler_logps is not None or self.kl_in_reward:
+        # With one update per rollout and no KL in the reward, the update's own forward gives the trainer's
+        # log-probs of the sampling policy: the sampler is compared with them there, without a forward of its own.
+        if policy_moves or self.kl_in_reward:
             with eval_mode(self.model):
                 old_logps = torch.cat([stage.completion_logps(self.model, b, width).logps for b in batches])
             mismatch = stage.mismatch(experience, old_logps)
@@ -262,14 +264,14 @@ class GRPOModule(AlignModule):
         if self.kl_coef != 0:
             with self._reference() as reference:
                 ref_logps = torch.cat([stage.completion_logps(reference, b, width).logps for b in batches])
-        if self.kl_in_reward:  # k1 summed over each completion, from the policy that sampled it
-            kl = (old_logps - ref_logps) * mask
+        loss_mask = mask * experience.has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
+        if self.kl_in_reward:  # k1 summed over each completion's loss tokens, from the policy that sampled it
+            kl = (old_logps - ref_logps) * loss_mask
             rewards = rewards - self.kl_coef * kl.sum(-1).to(rewards.device, rewards.dtype)
-            reward_kl = kl.sum() / mask.sum().clamp(min=1)
+            reward_kl = kl.sum() / loss_mask.sum().clamp(min=1)
             ref_logps = None  # the loss has no KL term
         old_logps = old_logps if policy_moves else None  # else the ratio is exactly 1: no need to keep it
         advantages, zero_std = self.advantages(rewards)
-        loss_mask = mask * experience.has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
         return GroupRollout(experience, loss_mask, advantages, zero_std, old_logps, ref_logps, token_weights, mismatch,
                             reward_kl)  # fmt: skip
 
@@ -316,11 +318,20 @@ class GRPOModule(AlignModule):
         batch = self.rollout_stage.pack(experience, prompt_idx, self.device)
         logps, entropy, _ = self.rollout_stage.completion_logps(self.model, batch, experience.width, entropy=True)
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        token_weights = pick(rollout.token_weights)
+        if experience.sampler_logps is not None and rollout.mismatch is not None and not rollout.mismatch:
+            # one update per rollout (rows: every completion, in order): this forward is the sampling policy's
+            trainer_logps = logps.detach()
+            rollout.mismatch = self.rollout_stage.mismatch(experience, trainer_logps)
+            if self.tis_cap is not None:
+                token_weights = rollout.token_weights = truncated_importance_weights(
+                    trainer_logps, experience.sampler_logps, experience.completion_mask, self.tis_cap
+                )
         loss, stats = grpo_policy_loss(
             logps, pick(rollout.old_logps), rollout.advantages[rows], rollout.loss_mask[rows],
             ref_logps=pick(rollout.ref_logps), kl_coef=0.0 if self.kl_in_reward else self.kl_coef,
             clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, loss_type=self.loss_type,
-            max_completion_length=self.max_new_tokens, n_tokens=n_tokens, token_weights=pick(rollout.token_weights),
+            max_completion_length=self.max_new_tokens, n_tokens=n_tokens, token_weights=token_weights,
             importance_sampling_level=self.importance_sampling_level,
         )  # fmt: skip
         if rollout.reward_kl is not None:  # the KL was taken from the rewards, not the loss

@@ -186,8 +186,9 @@ class KTOModule(AlignModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, values = self.compute_loss(batch)
         n = int(values["n"])
-        # the global batch's mean loss (reduced in place: a copy, never the returned loss)
-        self.log("train/loss", self.global_sum(loss.detach().clone()), prog_bar=True, batch_size=max(n, 1))
+        # the global batch's mean loss: each rank's loss is its sum over the global count / N, so the mean over
+        # the ranks (reduced on a copy, never the returned loss)
+        self.log("train/loss", self.rank_share(loss.detach().clone()), prog_bar=True, batch_size=max(n, 1))
         self.log("train/kl_step", values["kl"], on_step=True, on_epoch=False)
         self.train_metrics["kl"].update(values["kl"])
         self.log("train/kl_epoch", self.train_metrics["kl"], on_step=False, on_epoch=True)

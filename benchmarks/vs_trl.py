@@ -34,14 +34,19 @@ CASES = {
     "reward": "reward model",
     "dpo": "DPO, live reference",
     "dpo_precomputed": "DPO, precomputed reference",
+    "kto": "KTO, live reference",
     "dpo_vocab32k": "DPO, live ref., vocab 32k",
     "dpo_vocab128k": "DPO, live ref., vocab 128k",
     "grpo": "GRPO step (sampling included)",
+    "rloo": "RLOO step (sampling included)",
 }
 # model-FLOPs per token as TRL's batches count them, in units of N (matmul parameters): 6N trained, 2N scored
-# GRPO: 2N to sample (prefill and decode), 2N for the reference, 6N to train, per prompt+completion token
+# GRPO: 2N to sample (prefill and decode), 2N for the reference, 6N to train, per prompt+completion token;
+# RLOO: 2N more for the sampling policy's log-probs (its KL penalty is taken from the rewards)
 FLOPS_PER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "dpo_precomputed": 6, "dpo_vocab32k": 8, "dpo_vocab128k": 8,
-                   "grpo": 10}  # fmt: skip
+                   "grpo": 10, "rloo": 12, "kto": 12}  # fmt: skip
+# KTO: per completion token 6N trained and 2N for the reference, and 2N + 2N for the KL completions of the batch
+ON_POLICY = ("grpo", "rloo")
 VOCAB_CASES = {"dpo_vocab32k": 32_768, "dpo_vocab128k": 131_072}
 BUNDLED_HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
 
@@ -112,10 +117,12 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
         DPOModule,
         GRPOModule,
         InstructionDataModule,
+        KTOModule,
         PreferenceDataModule,
         PromptDataModule,
         RewardModule,
         SFTModule,
+        UnpairedDataModule,
     )
     from lit_align.rewards import CharacterFractionReward
     from lit_align.rollout import HFGenerator
@@ -128,15 +135,26 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
             module.tokenizer, str(workdir / "sft.jsonl"), val_fraction=0.0, max_length=args.max_length,
             batch_size=args.batch_size, group_by_length=True,
         )  # fmt: skip
-    elif case == "grpo":
+    elif case in ON_POLICY:
+        # RLOO as TRL's RLOOTrainer computes it: leave-one-out advantages, the KL (beta 0.05) from the rewards,
+        # whole-completion ratios, the mean over completions
+        method = dict(kl_coef=0.04, loss_type="dapo") if case == "grpo" else dict(
+            kl_coef=0.05, loss_type="grpo", advantage_estimator="rloo", kl_in_reward=True,
+            importance_sampling_level="sequence_sum")  # fmt: skip
         module = GRPOModule(
-            model=path, lr=1e-6, reward_fn=CharacterFractionReward(), group_size=args.group_size, kl_coef=0.04,
-            max_new_tokens=args.completion_length, loss_type="dapo",
+            model=path, lr=1e-6, reward_fn=CharacterFractionReward(), group_size=args.group_size,
+            max_new_tokens=args.completion_length, **method,
             generator=HFGenerator({"min_new_tokens": args.completion_length}),  # equal lengths on both sides
         )  # fmt: skip
         data = PromptDataModule(
             module.tokenizer, str(workdir / "prompts.jsonl"), max_prompt_length=args.max_length,
             batch_size=args.grpo_prompts,
+        )  # fmt: skip
+    elif case == "kto":  # each HH pair as a desirable and an undesirable completion: TRL's batch of rows in pairs
+        module = KTOModule(model=path, lr=1e-6, reference="copy")
+        data = UnpairedDataModule(
+            module.tokenizer, str(workdir / "pairs.jsonl"), val_fraction=0.0, max_length=args.max_length,
+            share_prompt=True, batch_size=args.batch_size // 2, group_by_length=True,
         )  # fmt: skip
     else:
         if case == "reward":
@@ -154,7 +172,7 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
     def counting_collator(examples):
         if case == "sft":
             tokens.append(sum(len(e["input_ids"]) for e in examples))
-        elif case == "grpo":  # every prompt + completion, as TRL's batches hold them
+        elif case in ON_POLICY:  # every prompt + completion, as TRL's batches hold them
             tokens.append(sum(args.group_size * (len(e["prompt_ids"]) + args.completion_length) for e in examples))
         else:  # as TRL's batches hold them: the prompt once per response
             tokens.append(
@@ -241,8 +259,16 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer_cls, config = RewardTrainer, RewardConfig(**common)
-    elif case == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+    elif case == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        pairs = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in pairs for side in ("chosen", "rejected")]  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(path)
+        trainer_cls, config = KTOTrainer, KTOConfig(**common)
+    elif case in ON_POLICY:
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
         from lit_align.rewards import CharacterFractionReward
 
@@ -250,11 +276,13 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
         score = CharacterFractionReward()
         common.pop("max_length")
         common["per_device_train_batch_size"] = args.grpo_prompts * args.group_size  # TRL counts completions
-        config = GRPOConfig(
-            **common, num_generations=args.group_size, max_completion_length=args.completion_length, beta=0.04,
-            loss_type="dapo", generation_kwargs={"min_new_tokens": args.completion_length},
-        )  # fmt: skip
-        trainer = GRPOTrainer(
+        sampling = dict(num_generations=args.group_size, max_completion_length=args.completion_length,
+                        generation_kwargs={"min_new_tokens": args.completion_length})  # fmt: skip
+        if case == "grpo":
+            trainer_cls, config = GRPOTrainer, GRPOConfig(**common, **sampling, beta=0.04, loss_type="dapo")
+        else:
+            trainer_cls, config = RLOOTrainer, RLOOConfig(**common, **sampling, beta=0.05)
+        trainer = trainer_cls(
             model=AutoModelForCausalLM.from_pretrained(path), args=config, train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer, callbacks=[Measure()],
             reward_funcs=lambda prompts, completions, **_: score(prompts, completions).tolist(),
@@ -445,11 +473,11 @@ def main() -> None:
                 f"{mfu[0]:6.1%}/{mfu[1]:5.1%} {mem:>24s}",
                 flush=True,
             )
-            if case == "grpo":  # the same work on both sides, so step time is the inverse of the speed ratio
+            if case in ON_POLICY:  # the same work on both sides, so step time is the inverse of the speed ratio
                 step_ratios = [a["seconds_per_step"] / b["seconds_per_step"]
                                for a, b in zip(results["lit_align"], results["trl"])]  # fmt: skip
                 print(
-                    f"{'  GRPO seconds per step':28s} "
+                    f"{'  ' + case.upper() + ' seconds per step':28s} "
                     f"{statistics.median(r['seconds_per_step'] for r in results['lit_align']):.3f} s vs "
                     f"{statistics.median(r['seconds_per_step'] for r in results['trl']):.3f} s: step time "
                     f"{statistics.median(step_ratios):.2f}x TRL's [{min(step_ratios):.2f}-{max(step_ratios):.2f}] "

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_align.data.sources import DataError, DataSource, Record, UnreadableRow, read_records
@@ -135,7 +135,12 @@ class ResumableDataLoader(DataLoader):
 
 class RecordsDataModule(L.LightningDataModule):
     """Base of the DataModules: subclasses set ``train_data``, ``val_data``, ``val_fraction``, ``bad_rows``, ``seed``,
-    ``batch_size``, ``num_workers`` and ``collator``, and implement :meth:`encode_record`."""
+    ``batch_size``, ``num_workers`` and ``collator``, and implement :meth:`encode_record`.
+
+    The held-out split (``val_data``, or ``val_fraction`` of ``train_data``) is both the validation loader and the
+    test loader (``lit-align test`` logs it as ``test/...``). Each split's kept and dropped counts are logged when
+    it is set up, and a warning names the split when more than :attr:`max_dropped_share` (half) of its rows yield
+    no example."""
 
     train_data: DataSource | list[str]
     val_data: DataSource | list[str] | None
@@ -168,12 +173,14 @@ class RecordsDataModule(L.LightningDataModule):
         """Tokenize ``records``, counting what is kept and dropped in ``self.stats[split]`` (and logging the counts).
         Malformed rows raise, or with ``bad_rows="skip"`` are skipped and counted."""
         counts = self.stats[split] = Counter(rows=len(records))
-        examples = []
+        examples, kept_rows = [], 0
         for index, record in enumerate(records):
             try:
                 if isinstance(record.row, UnreadableRow):
                     raise DataError(record.where, None, record.row.problem)
-                examples += self.encode_record(record, index, counts)
+                encoded = self.encode_record(record, index, counts)
+                examples += encoded
+                kept_rows += bool(encoded)
             except DataError as error:
                 if self.bad_rows == "error":
                     raise
@@ -182,7 +189,27 @@ class RecordsDataModule(L.LightningDataModule):
         counts["examples"] = len(examples)
         if records:
             rank_zero_info(f"lit_align {split} data: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+            self.warn_if_dropped(split, kept_rows, counts)
         return examples
+
+    #: share of a split's rows that may yield no example before :meth:`warn_if_dropped` warns
+    max_dropped_share: float = 0.5
+
+    def warn_if_dropped(self, split: str, kept_rows: int, counts: Counter) -> None:
+        """Warn (rank zero) when more than :attr:`max_dropped_share` of the ``split``'s rows yielded no example,
+        naming the split, the rows kept out of the total and the largest drop counts (``dropped_*``, ``skipped_*``):
+        a ``max_length`` too short for the data, for instance, would otherwise only show in the counts line."""
+        rows = counts["rows"]
+        if rows == 0 or (rows - kept_rows) / rows <= self.max_dropped_share:
+            return
+        reasons = sorted(((v, k) for k, v in counts.items() if k.startswith(("dropped_", "skipped_")) and v),
+                         reverse=True)  # fmt: skip
+        why = ", ".join(f"{k}={v}" for v, k in reasons[:3]) or "see the counts above"
+        rank_zero_warn(
+            f"lit_align {split} data: only {kept_rows} of {rows} rows kept ({(rows - kept_rows) / rows:.0%} dropped, "
+            f"more than {self.max_dropped_share:.0%}); main reasons: {why}. Check max_length / max_prompt_length "
+            "and the data's fields."
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -250,6 +277,13 @@ class RecordsDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),  # no draw from the training RNG (see above)
         )
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split again, loaded as :meth:`val_dataloader` loads it: ``lit-align test`` (``trainer.test``)
+        reports on the same held-out rows as validation (``val_data``, or the ``val_fraction`` held out from
+        ``train_data``), as ``test/...`` metrics. To test on another set, point ``val_data`` at it for the test run
+        (``lit-align test -c <config> --data.init_args.val_data test.jsonl``)."""
+        return self.val_dataloader()
 
     def neutral_example(self, example: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``example`` that pads a batch without counting in any metric (no labelled token, no pair, a

@@ -72,6 +72,7 @@ class InstructionDataModule(RecordsDataModule):
         train_data: a local JSON/JSONL(.gz)/Parquet/CSV file, a list of such files, a hub dataset id
             (``"name"`` or ``"name:split"``), or a list of dicts.
         val_data: held-out data in the same forms; if not given, ``val_fraction`` of the training rows are held out.
+            The held-out split serves validation and ``lit-align test`` (``test/...`` metrics) alike.
         val_fraction: fraction of training rows held out for validation when ``val_data`` is not given (0 for none).
         templates: FLAN-style templates: a YAML/JSON path or a dict; every row is rendered through them.
         options_marker: text that introduces a classification task's answer options (FLAN's ``"OPTIONS:"``).

@@ -99,6 +99,7 @@ class PreferenceDataModule(RecordsDataModule):
         train_data: a local JSON/JSONL(.gz)/Parquet/CSV file, a list of them, a hub dataset id, a bundled sample
             (``"bundled:<file>"``) or a list of dicts.
         val_data: held-out comparisons in the same forms; if not given, ``val_fraction`` of the rows are held out.
+            The held-out split serves validation and ``lit-align test`` (``test/...`` metrics) alike.
         val_fraction: fraction of training rows held out when ``val_data`` is not given.
         assistant_marker: the assistant-turn header at which implicit text pairs are split.
         max_length: longest prompt + response in tokens; longer ones are cut at the end.

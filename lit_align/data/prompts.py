@@ -84,7 +84,8 @@ class PromptDataModule(RecordsDataModule):
     Args:
         tokenizer: a tokenizer, or a name/path; under ``lit-align`` it follows the model's.
         train_data: prompt source (file, list of files, hub id, ``bundled:<file>``, or list of dicts).
-        val_data: held-out prompts; if not given, ``val_fraction`` of the rows.
+        val_data: held-out prompts; if not given, ``val_fraction`` of the rows. The held-out split serves validation
+            and ``lit-align test`` (``test/...`` metrics) alike.
         val_fraction: fraction of rows held out when ``val_data`` is not given.
         pretrain_data: text for the pre-training mix (rows ``{"text"}`` or any instruction shape, every token
             labelled); ``None`` for no ptx batches.

@@ -58,6 +58,7 @@ class UnpairedDataModule(PreferenceDataModule):
         train_data: a local JSON/JSONL(.gz)/Parquet/CSV file, a list of them, a hub dataset id, a bundled sample
             (``"bundled:<file>"``) or a list of dicts.
         val_data: held-out rows in the same forms; if not given, ``val_fraction`` of the rows are held out.
+            The held-out split serves validation and ``lit-align test`` (``test/...`` metrics) alike.
         val_fraction: fraction of training rows held out when ``val_data`` is not given.
         unpair: turn chosen/rejected rows into a desirable and an undesirable completion of their prompt; ``false``
             accepts unpaired rows only.

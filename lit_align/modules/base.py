@@ -380,6 +380,28 @@ class AlignModule(L.LightningModule):
             _set_rng_states(self._training_rng)
             self._training_rng = None
 
+    # ----- held-out metrics: validation and test ------------------------------------------------------------------
+    @property
+    def held_out_split(self) -> str:
+        """The prefix of the held-out metrics: ``"test"`` while the Trainer tests (``lit-align test``,
+        ``trainer.test``), else ``"val"``. Every method computes its held-out metrics in ``validation_step`` and logs
+        them under ``f"{self.held_out_split}/..."``; :meth:`test_step` runs the same step, so ``test/...`` is computed
+        exactly as ``val/...`` is."""
+        return "test" if self._trainer is not None and self.trainer.testing else "val"
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """The held-out metrics of ``validation_step``, on the DataModule's test loader, logged as ``test/...``."""
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_start(self) -> None:
+        self.on_validation_start()  # the same random stream and set-up (a precomputed reference) as validation
+
+    def on_test_end(self) -> None:
+        self.on_validation_end()
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
     def on_validation_epoch_start(self) -> None:
         # Metric states reset under inference mode (by a previous trainer.validate) become inference tensors, which
         # fit's validation loop (run under no_grad) cannot update in place: start each epoch from normal tensors.

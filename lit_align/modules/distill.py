@@ -282,4 +282,4 @@ class DistillModule(AlignModule):
         self.val_metrics["divergence"].update(divergence[real[packed["target_response"]]].float())
         self.val_metrics["response_length"].update(experience.completion_mask.float().sum(-1)[real])
         for name in ("divergence", "response_length"):
-            self.log(f"val/{name}", self.val_metrics[name])
+            self.log(f"{self.held_out_split}/{name}", self.val_metrics[name])

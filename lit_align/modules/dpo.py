@@ -194,7 +194,7 @@ class DPOModule(AlignModule):
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=pairs)
         else:  # the mean over every held-out prompt, however the batches (and ranks) split them
             self.val_loss.update(loss.detach(), weight=prompts)
-            self.log("val/loss", self.val_loss, prog_bar=True)
+            self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
         for name, value in values.items():
             metric = (self.train_metrics if training else self.val_metrics)[_key(name)]
             if training:  # forward: the batch's value for the step, accumulated for the epoch
@@ -217,7 +217,7 @@ class DPOModule(AlignModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss, values = self.compute_loss(batch)
-        self._log_step("val", loss, values, len(batch["group"].unique()))
+        self._log_step(self.held_out_split, loss, values, len(batch["group"].unique()))
 
 
 def _key(name: str) -> str:

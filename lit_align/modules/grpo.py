@@ -390,4 +390,4 @@ class GRPOModule(AlignModule):
         real = real_rows(batch, len(rewards), self.device)
         for name, value in (("reward_mean", rewards), ("response_length", experience.completion_mask.float().sum(-1))):
             self.val_metrics[name].update(value[real])  # per prompt: the mean over every held-out prompt
-            self.log(f"val/{name}", self.val_metrics[name])
+            self.log(f"{self.held_out_split}/{name}", self.val_metrics[name])

@@ -208,13 +208,14 @@ class KTOModule(AlignModule):
         _, values = self.compute_loss(batch)
         n_local = int(batch["real"].sum())
         self.val_loss.update(values["loss"], weight=n_local)
-        self.log("val/loss", self.val_loss, prog_bar=True)
+        split = self.held_out_split  # "val", or "test" under trainer.test
+        self.log(f"{split}/loss", self.val_loss, prog_bar=True)
         self.val_metrics["kl"].update(values["kl"], weight=n_local)
-        self.log("val/kl", self.val_metrics["kl"])
+        self.log(f"{split}/kl", self.val_metrics["kl"])
         for name in (*METRICS, "rewards/accuracies"):
             metric = self.val_metrics[_key(name)]
             metric.update(values[name])
-            self.log(f"val/{name}", metric)
+            self.log(f"{split}/{name}", metric)
 
 
 def _key(name: str) -> str:

@@ -269,7 +269,7 @@ class OnlineDPOModule(AlignModule):
         real = real_rows(batch, len(rewards), self.device)
         for name, value in (("reward_mean", rewards), ("response_length", experience.completion_mask.float().sum(-1))):
             self.val_metrics[name].update(value.to(self.device)[real])  # per prompt: the mean over held-out prompts
-            self.log(f"val/{name}", self.val_metrics[name])
+            self.log(f"{self.held_out_split}/{name}", self.val_metrics[name])
 
 
 def _key(name: str) -> str:

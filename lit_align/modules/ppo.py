@@ -472,7 +472,7 @@ class PPOModule(AlignModule):
         for name, value in (("reward_mean", rollout.scores), ("kl", (rollout.kl * mask).sum(-1)),
                             ("response_length", mask.sum(-1))):  # fmt: skip
             self.val_metrics[name].update(value[real])  # per prompt: the mean over every held-out prompt
-            self.log(f"val/{name}", self.val_metrics[name])
+            self.log(f"{self.held_out_split}/{name}", self.val_metrics[name])
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
         """The policy as :meth:`AlignModule.export_hf` saves it, and the trained value model in ``value_model/``

@@ -101,13 +101,14 @@ class RewardModule(AlignModule):
         self.val_reward_mean.update(out["rewards"][compared])
         self.val_reward_std.update(out["rewards"][compared])
         self.val_loss.update(out["loss"], weight=len(batch["group"].unique()))  # per prompt, however batched
+        split = self.held_out_split  # "val", or "test" under trainer.test
         self.log_dict(
             {
-                "val/loss": self.val_loss,
-                "val/accuracy": self.val_accuracy,
-                "val/margin": self.val_margin,
-                "val/reward_mean": self.val_reward_mean,
-                "val/reward_std": self.val_reward_std,
+                f"{split}/loss": self.val_loss,
+                f"{split}/accuracy": self.val_accuracy,
+                f"{split}/margin": self.val_margin,
+                f"{split}/reward_mean": self.val_reward_mean,
+                f"{split}/reward_std": self.val_reward_std,
             },
         )
 

@@ -20,7 +20,8 @@ class SFTModule(AlignModule):
     """Next-token cross-entropy on the response tokens (the tokens the DataModule labels).
 
     Logs ``train/loss`` and ``train/token_acc`` every step, and ``val/loss``, ``val/ppl`` (perplexity, the exponent
-    of the token-averaged loss) and ``val/token_acc`` every validation epoch, reduced over all devices.
+    of the token-averaged loss) and ``val/token_acc`` every validation epoch (the same as ``test/...`` under
+    ``lit-align test``), reduced over all devices.
     Takes the same arguments as :class:`~lit_align.modules.base.AlignModule`.
     """
 
@@ -55,4 +56,7 @@ class SFTModule(AlignModule):
         self.val_ppl.update(loss, weight=n_tokens)
         self.val_token_acc.update(correct / n_tokens.clamp(min=1), weight=n_tokens)
         # Metric objects: Lightning computes them once per epoch, synced over devices, and resets them.
-        self.log_dict({"val/loss": self.val_loss, "val/ppl": self.val_ppl, "val/token_acc": self.val_token_acc})
+        split = self.held_out_split  # "val", or "test" under trainer.test
+        self.log_dict(
+            {f"{split}/loss": self.val_loss, f"{split}/ppl": self.val_ppl, f"{split}/token_acc": self.val_token_acc}
+        )

@@ -603,7 +603,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled():
 def test_grpo_raises_a_learnable_reward(tmp_path):
     """The share of spaces among a completion's characters is a reward the tiny model can learn to earn: 30 rollout
     batches (8 prompts x 8 completions, two passes of two mini-batches each) raise the mean reward from about 0.13
-    (measured 0.128 -> 0.502) while the per-token KL to the reference stays bounded."""
+    (measured 0.130 -> 0.834, per-token KL at most 7.5) while the per-token KL to the reference stays bounded."""
     torch.manual_seed(0)
     module = GRPOModule(model="tiny", reward_fn=CharacterFractionReward(), group_size=8, max_new_tokens=16,
                         lr=3e-3, kl_coef=0.01, mini_batch_size=4, num_iterations=2)  # fmt: skip

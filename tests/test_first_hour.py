@@ -21,7 +21,8 @@ from lit_align import __version__
 from lit_align.cli import AllowedFromDirectory, newest_checkpoint, run
 from lit_align.data import PreferenceDataModule
 
-CONFIGS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if "vllm" not in c.stem]
+# one config per module class (rloo.yaml is GRPOModule as grpo.yaml, orpo.yaml DPOModule as dpo.yaml; vLLM needs vLLM)
+CONFIGS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if c.stem not in ("grpo_vllm", "rloo", "orpo")]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 

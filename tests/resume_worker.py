@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from lit_align import (
+    DistillModule,
     DPOModule,
     GRPOModule,
     InstructionDataModule,
@@ -46,15 +47,19 @@ class Record(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)  # a crash, not a clean stop: nothing after this runs
         self.lr = trainer.optimizers[0].param_groups[0]["lr"]
 
+    @staticmethod
+    def logged(metrics):
+        return metrics["train/reward_mean_step"] if "train/reward_mean_step" in metrics else metrics["train/loss_step"]
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         row = {
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "batch_idx": batch_idx,
             "batch": batch_fingerprint(batch),
-            # PPO and GRPO (manual optimisation) return no loss: the rollout's mean reward (and PPO's KL coefficient)
-            # stand in
-            "loss": float(outputs["loss"] if outputs else trainer.callback_metrics["train/reward_mean_step"]).hex(),
+            # PPO, GRPO and online DPO (manual optimisation) return no loss: the rollout's mean reward (and PPO's KL
+            # coefficient) stand in; distillation logs its loss
+            "loss": float(outputs["loss"] if outputs else self.logged(trainer.callback_metrics)).hex(),
             "kl_coef": float(getattr(getattr(module, "kl_controller", None), "value", 0.0)).hex(),
             "lr": float(self.lr).hex(),
         }
@@ -96,6 +101,11 @@ def main() -> None:
         data.train_dataset = data.train_dataset[:22]
     elif method == "online_dpo":  # one optimizer step per batch of 4 prompts (6 an epoch)
         module = OnlineDPOModule(lr=3e-3, reward_fn=CharacterFractionReward(" "), max_new_tokens=8)
+        data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=per_rank, val_fraction=val_fraction)
+        data.setup()
+        data.train_dataset = data.train_dataset[:22]
+    elif method == "distill":  # the student samples, a tiny teacher from another seed scores (6 steps an epoch)
+        module = DistillModule(lr=3e-3, teacher="tiny", teacher_seed=1, max_new_tokens=8)
         data = PromptDataModule(module.tokenizer, max_prompt_length=32, batch_size=per_rank, val_fraction=val_fraction)
         data.setup()
         data.train_dataset = data.train_dataset[:22]

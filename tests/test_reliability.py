@@ -145,8 +145,8 @@ def _rank_files(path: Path, method: str) -> list[Path]:
     return [path, path.with_name(f"{path.name}.rank1")] if "@" in method else [path]
 
 
-RESUMED_METHODS = ("sft", "kto", "ppo", "grpo", "sft+val", "grpo+val", "sft@fsdp2", "dpo@fsdp2", "grpo@fsdp2",
-                   "sft@ddp")  # fmt: skip
+RESUMED_METHODS = ("sft", "kto", "online_dpo", "distill", "ppo", "grpo", "sft+val", "grpo+val", "sft@fsdp2",
+                   "dpo@fsdp2", "grpo@fsdp2", "sft@ddp")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +164,14 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method, kill_at",
-    [("sft", 6), ("kto", 3), ("ppo", 6), ("ppo", 12), ("grpo", 11), ("sft+val", 3), ("grpo+val", 4), ("sft@fsdp2", 3),
+    [("sft", 6), ("kto", 3), ("online_dpo", 4), ("distill", 4), ("ppo", 6), ("ppo", 12), ("grpo", 11),
+     ("sft+val", 3), ("grpo+val", 4), ("sft@fsdp2", 3),
      ("dpo@fsdp2", 3), ("grpo@fsdp2", 3), ("sft@ddp", 3)],
     ids=[
         "sft at the epoch boundary",
         "kto mid-epoch",
+        "online dpo mid-epoch (sampled pairs)",
+        "distillation mid-epoch (sampled, lmbda draws)",
         "ppo mid-epoch",
         "ppo at the epoch boundary",
         "grpo at the epoch boundary",

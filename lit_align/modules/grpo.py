@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from lit_align.losses import (
 )
 from lit_align.models import load_frozen_reward_model
 from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
+from lit_align.modules.reference import reference_policy
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import Experience, Generator, RolloutStage
 
@@ -228,15 +228,6 @@ class GRPOModule(AlignModule):
                 self.trust_remote_code, empty=self.empty_init,
             )  # fmt: skip
 
-    @contextmanager
-    def _reference(self):
-        """The reference policy: the frozen copy, or with LoRA the policy with its adapters disabled."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        with eval_mode(self.model), self.model.disable_adapter():
-            yield self.model
-
     # ----- the rollout ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: Mapping[str, Any]) -> GroupRollout:
@@ -262,7 +253,7 @@ class GRPOModule(AlignModule):
             if self.tis_cap is not None and experience.sampler_logps is not None:
                 token_weights = truncated_importance_weights(old_logps, experience.sampler_logps, mask, self.tis_cap)
         if self.kl_coef != 0:
-            with self._reference() as reference:
+            with reference_policy(self.model, self.ref_model) as reference:
                 ref_logps = torch.cat([stage.completion_logps(reference, b, width).logps for b in batches])
         loss_mask = mask * experience.has_eos.unsqueeze(-1) if self.mask_truncated_completions else mask
         if self.kl_in_reward:  # k1 summed over each completion's loss tokens, from the policy that sampled it

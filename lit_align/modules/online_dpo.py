@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -23,6 +22,7 @@ from lit_align.losses import (
 )
 from lit_align.models import load_frozen_reward_model
 from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
+from lit_align.modules.reference import reference_policy
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import Experience, Generator, RolloutStage
 
@@ -154,15 +154,6 @@ class OnlineDPOModule(AlignModule):
                 self.trust_remote_code, empty=self.empty_init,
             )  # fmt: skip
 
-    @contextmanager
-    def _reference(self):
-        """The reference policy: the frozen copy, or with LoRA the policy with its adapters disabled."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        with eval_mode(self.model), self.model.disable_adapter():
-            yield self.model
-
     # ----- the rollout ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: Mapping[str, Any]) -> tuple[Experience, dict[str, torch.Tensor], torch.Tensor | None]:
@@ -175,7 +166,7 @@ class OnlineDPOModule(AlignModule):
         stage.score(experience, self.reward_model, self.reward_offset, [packed])
         ref_logps = None
         if not self.reference_free:
-            with self._reference() as reference:
+            with reference_policy(self.model, self.ref_model) as reference:
                 ref_logps = stage.completion_logps(reference, packed, experience.width, temperature=1.0).logps.sum(-1)
         return experience, packed, ref_logps
 

@@ -15,7 +15,8 @@ import copy
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,17 @@ def build_reference(module: Any) -> nn.Module:
     return reference.requires_grad_(False).eval()
 
 
+@contextmanager
+def reference_policy(model: nn.Module, ref_model: nn.Module | None) -> Iterator[nn.Module]:
+    """The reference policy to score with: the frozen copy ``ref_model`` when there is one, else (LoRA) the policy
+    ``model`` in eval mode with its adapters disabled."""
+    if ref_model is not None:
+        yield ref_model
+        return
+    with eval_mode(model), model.disable_adapter():
+        yield model
+
+
 def reference_logps(module: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """``[N]`` reference log-probs of the batch's responses (``None`` when reference-free)."""
     if module.reference == "none":
@@ -79,11 +91,8 @@ def reference_logps(module: Any, batch: Mapping[str, torch.Tensor]) -> torch.Ten
                 "DataModule's examples when fitting starts (pass the DataModule to trainer.fit)"
             )
         return batch["ref_logps"].float()
-    with torch.no_grad():
-        if module.reference == "adapter":
-            with eval_mode(module.model), module.model.disable_adapter():
-                return response_logps(module.model, batch)
-        return response_logps(module.ref_model, batch)
+    with torch.no_grad(), reference_policy(module.model, module.ref_model) as reference:
+        return response_logps(reference, batch)
 
 
 def attach_reference_logps(module: Any) -> None:

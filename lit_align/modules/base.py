@@ -6,7 +6,7 @@ import math
 import os
 import pickle
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,20 @@ def check_options(*checks: tuple[str, Any, bool, str]) -> None:
     for name, value, holds, expected in checks:
         if not holds:
             raise ValueError(f"{name}={value!r}: must be {expected}")
+
+
+def reward_functions(method: str, reward_fn: Any, reward_weights: Any, reward_model: str | None) -> list[Any]:
+    """The reward functions of an on-policy ``method`` as a list (one, a list, or none when ``reward_model`` scores),
+    checked: exactly one of ``reward_fn`` and ``reward_model``, and one weight per reward function."""
+    reward_fns = [] if reward_fn is None else list(reward_fn) if isinstance(reward_fn, Sequence) else [reward_fn]
+    if not reward_fns and reward_model is None:
+        raise ValueError(f"{method} needs a reward: set reward_fn (one or a list) or reward_model")
+    if reward_fns and reward_model is not None:
+        raise ValueError("set reward_fn or reward_model, not both")
+    n_rewards = max(len(reward_fns), 1)
+    if reward_weights is not None and len(reward_weights) != n_rewards:
+        raise ValueError(f"reward_weights has {len(reward_weights)} weights for {n_rewards} reward functions")
+    return reward_fns
 
 
 def sampling_checks(max_new_tokens: int, temperature: float, top_p: float) -> tuple[tuple[str, Any, bool, str], ...]:

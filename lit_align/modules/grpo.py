@@ -25,7 +25,14 @@ from lit_align.losses import (
     truncated_importance_weights,
 )
 from lit_align.models import load_frozen_reward_model
-from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
+from lit_align.modules.base import (
+    AlignModule,
+    check_options,
+    real_rows,
+    reward_functions,
+    sampling_checks,
+    zero_dropout,
+)
 from lit_align.modules.reference import reference_policy
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import Experience, Generator, RolloutStage
@@ -149,14 +156,7 @@ class GRPOModule(AlignModule):
         super().__init__(*args, **kwargs)
         if disable_dropout and self.residual_dropout:
             raise ValueError("residual_dropout needs disable_dropout: false (GRPO disables dropout by default)")
-        reward_fns = [] if reward_fn is None else list(reward_fn) if isinstance(reward_fn, Sequence) else [reward_fn]
-        if not reward_fns and reward_model is None:
-            raise ValueError("GRPO needs a reward: set reward_fn (one or a list) or reward_model")
-        if reward_fns and reward_model is not None:
-            raise ValueError("set reward_fn or reward_model, not both")
-        n_rewards = max(len(reward_fns), 1)
-        if reward_weights is not None and len(reward_weights) != n_rewards:
-            raise ValueError(f"reward_weights has {len(reward_weights)} weights for {n_rewards} reward functions")
+        reward_fns = reward_functions("GRPO", reward_fn, reward_weights, reward_model)
         if group_size < 2:
             raise ValueError(f"group_size must be at least 2 (advantages are relative to the group), got {group_size}")
         if loss_type not in GRPO_LOSS_TYPES:

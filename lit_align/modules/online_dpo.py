@@ -5,7 +5,7 @@ step on that fresh pair."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -21,7 +21,14 @@ from lit_align.losses import (
     score_pairs,
 )
 from lit_align.models import load_frozen_reward_model
-from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
+from lit_align.modules.base import (
+    AlignModule,
+    check_options,
+    real_rows,
+    reward_functions,
+    sampling_checks,
+    zero_dropout,
+)
 from lit_align.modules.reference import reference_policy
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import Experience, Generator, RolloutStage
@@ -101,14 +108,7 @@ class OnlineDPOModule(AlignModule):
         super().__init__(*args, **kwargs)
         if disable_dropout and self.residual_dropout:
             raise ValueError("residual_dropout needs disable_dropout: false (online DPO disables dropout by default)")
-        reward_fns = [] if reward_fn is None else list(reward_fn) if isinstance(reward_fn, Sequence) else [reward_fn]
-        if not reward_fns and reward_model is None:
-            raise ValueError("online DPO needs a reward: set reward_fn (one or a list) or reward_model")
-        if reward_fns and reward_model is not None:
-            raise ValueError("set reward_fn or reward_model, not both")
-        n_rewards = max(len(reward_fns), 1)
-        if reward_weights is not None and len(reward_weights) != n_rewards:
-            raise ValueError(f"reward_weights has {len(reward_weights)} weights for {n_rewards} reward functions")
+        reward_fns = reward_functions("online DPO", reward_fn, reward_weights, reward_model)
         check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, rpo_alpha)
         check_options(
             *sampling_checks(max_new_tokens, temperature, top_p),

@@ -163,7 +163,9 @@ class KTOModule(AlignModule):
             logps[completion], ref_logps[completion], label, kl, self.beta, self.desirable_weight,
             self.undesirable_weight,
         )  # fmt: skip
-        loss = mean_loss * len(completion) / self.rank_share(totals.new_tensor(float(len(completion)))).clamp(min=1)
+        # totals[1] already counts every rank's completions (one KL completion each): no second collective
+        world = self.trainer.world_size if self._trainer is not None else 1
+        loss = mean_loss * len(completion) / (totals[1] / world).clamp(min=1)
         if len(completion) == 0:  # keep the graph connected: a zero loss, not a failed backward
             loss = loss + logps.sum() * 0.0
         policy = logps[completion].detach()

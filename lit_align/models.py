@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -40,6 +42,104 @@ TINY_CONFIG: dict[str, Any] = dict(
 )
 
 TINY_SEED = 0
+
+# A directory holds a tokenizer if it has one of these (what AutoTokenizer reads for the common tokenizer kinds).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer (``model``, ``tokenizer``, ``ref_model``, ...) that cannot be loaded: a directory that
+    holds none, a hub id that cannot be reached or does not exist. The message says which and what to do, on one
+    line; the error from transformers or the hub, when there was one, is its ``__cause__``."""
+
+
+class ModelPathNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model or tokenizer named by a local path (see :func:`looks_like_path`) that does not exist."""
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` means a local directory rather than a Hugging Face hub id (``namespace/name``): it exists,
+    starts with ``.``, ``/`` or ``~``, has more than one ``/`` (no hub id has), or has a separator and its parent
+    directory exists (``runs/sft/exprt`` from where ``runs/sft`` is)."""
+    if name in (".", "..") or name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or Path(name).exists():
+        return True
+    separators = name.count("/") + (name.count(os.sep) if os.sep != "/" else 0)
+    return separators > 1 or (separators == 1 and Path(name).expanduser().parent.is_dir())
+
+
+def check_local_source(name: str, kind: str) -> None:
+    """Raise a :class:`ModelLoadError` naming ``name`` when it is a local path (:func:`looks_like_path`) that does not
+    exist or is not a directory holding a ``kind``: ``"model"`` (a ``config.json``) or ``"tokenizer"`` (one of
+    :data:`TOKENIZER_FILES`). ``"tiny"`` and hub ids pass."""
+    name = os.fspath(name)
+    if name == TINY or not looks_like_path(name):
+        return
+    path = Path(name).expanduser()
+    where = str(path.resolve())
+    if not path.exists():
+        siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        near = difflib.get_close_matches(path.name, siblings, n=1)
+        hint = f"; did you mean {str(path.parent / near[0])!r}?" if near else ""
+        raise ModelPathNotFoundError(f"{name!r} does not exist (no such directory: {where}){hint}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{name!r} is a file; a {kind} is a Hugging Face directory (config.json, ...)")
+    has_config = (path / "config.json").is_file()
+    if kind == "model" and not has_config:
+        raise ModelLoadError(
+            f"{name!r} holds no model: no config.json in {where} (expected a Hugging Face model directory, "
+            "such as an export_dir)"
+        )
+    if kind == "tokenizer" and not any((path / file).is_file() for file in TOKENIZER_FILES):
+        held = "no tokenizer (no" if has_config else "no model or tokenizer (no config.json, no"
+        raise ModelLoadError(
+            f"{name!r} holds {held} tokenizer.json, tokenizer_config.json or the like in {where}); expected a Hugging "
+            "Face model directory, such as an export_dir"
+        )
+
+
+_UNREACHABLE = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError", "ConnectTimeout"}
+
+
+@contextmanager
+def explained_load_errors(what: str, name: str) -> Iterator[None]:
+    """Within the block (a ``from_pretrained``), an ``OSError`` from transformers or the hub becomes a one-line
+    :class:`ModelLoadError` that names ``name`` and what to do: no network or ``HF_HUB_OFFLINE`` (and not cached), no
+    such repository (or a gated one), or another reason, whose first line it quotes."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except OSError as error:
+        chain: list[BaseException] = []
+        cause: BaseException | None = error
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        kinds = {type(e).__name__ for e in chain}
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if kinds & _UNREACHABLE:
+            why, fix = ("HF_HUB_OFFLINE is set", ", or unset HF_HUB_OFFLINE") if offline else ("no network", "")
+            message = (
+                f"cannot reach the Hugging Face hub for {name!r} ({why}, and it is not in the local cache); "
+                f"pass a local directory{fix}"
+            )
+        elif kinds & {"RepositoryNotFoundError", "GatedRepoError"}:
+            message = (
+                f"{name!r} is neither a local directory nor a Hugging Face hub repository you can read (a "
+                "typo, or a gated or private one: log in with `hf auth login`)"
+            )
+        else:
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            message = f"cannot load the {what} {name!r}: {first}"
+        raise ModelLoadError(message) from error
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,8 +203,10 @@ def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False) ->
     A tokenizer without a pad token gets ``pad_token = eos_token`` (the pad == eos case our data code is built for).
     """
     path = TOKENIZER_DIR if name_or_path == TINY else name_or_path
+    check_local_source(name_or_path, "tokenizer")
     verify_checksums(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with explained_load_errors("tokenizer", name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!r} has neither a pad token nor an eos token to pad with")
@@ -156,7 +258,8 @@ def _load(
         "reward": (AutoModelForSequenceClassification, LlamaForSequenceClassification, {"num_labels": 1}),
     }[kind]
     torch_dtype = resolve_dtype(dtype)
-    with empty_weights() if empty else nullcontext():
+    check_local_source(name_or_path, "model")
+    with empty_weights() if empty else nullcontext(), explained_load_errors("model", name_or_path):
         if name_or_path == TINY:
             # Fixed weights make "tiny" a model like any other: a reference re-created on resume equals the original.
             with torch.random.fork_rng(devices=[]):

@@ -1,28 +1,35 @@
 """What a new user hits in the first hour (issue 15): ``lit-align test`` on every shipped config, ``--version``, the
-README's own-subclass command from the directory holding the package, ``--ckpt_path last``, the logger extra, and
-the warning when most of the data is dropped."""
+README's own-subclass command from the directory holding the package, ``--ckpt_path last``, the logger extra, the
+warning when most of the data is dropped, one-line errors for a bad model source or config typo, a readable
+``--model.help``, one optimizer and one learning rate, and the ``recipe``/``generate`` dispatch."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import yaml
 from conftest import REPO
 
 from lit_align import __version__
-from lit_align.cli import AllowedFromDirectory, newest_checkpoint, run
+from lit_align.cli import AllowedFromDirectory, main, newest_checkpoint, run, short_parser_error
 from lit_align.data import PreferenceDataModule
+from lit_align.models import ModelLoadError, ModelPathNotFoundError, load_tokenizer, looks_like_path
 
-# one config per module class (rloo.yaml is GRPOModule as grpo.yaml, orpo.yaml DPOModule as dpo.yaml; vLLM needs vLLM)
-CONFIGS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if c.stem not in ("grpo_vllm", "rloo", "orpo")]
+# one config per module class (rloo.yaml is GRPOModule as grpo.yaml, orpo.yaml DPOModule as dpo.yaml; vLLM needs vLLM;
+# recipe.yaml is the recipe command's, not a method's)
+NOT_A_METHOD = ("grpo_vllm", "rloo", "orpo", "recipe")
+CONFIGS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if c.stem not in NOT_A_METHOD]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -75,6 +82,15 @@ def test_version_flag_prints_the_package_version(capsys):
         run(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"lit-align {__version__}"
+
+
+def test_console_script_answers_version_without_importing_torch():
+    """The console script's entry (``lit_align.console:main``) prints the version before importing torch or
+    Lightning (the several seconds a new user waited for ``lit-align --version``)."""
+    code = ("import sys; sys.argv = ['lit-align', '--version']; from lit_align.console import main; "
+            "code = main(); print(code, 'torch' in sys.modules, 'lightning' in sys.modules)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == [f"lit-align {__version__}", "0 False False"], result.stderr
 
 
 # ----- the README's own-subclass command, from the directory that holds the package -------------------------------
@@ -177,3 +193,169 @@ def test_dropping_most_rows_warns_with_the_split_the_share_and_the_reasons(tiny_
         warnings.simplefilter("always")
         data.setup("fit")
     assert not [w for w in caught if "rows kept" in str(w.message)]
+
+
+# ----- errors a user sees on one line (lit-align's console entry, in-process) ------------------------------------
+SFT = str(REPO / "configs" / "sft.yaml")
+
+
+class _Lines(logging.Handler):
+    """The lines Lightning's own logger prints (its handler writes to the stderr of import time, past capsys)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _main_exit(args: list[str], capsys) -> tuple[int, list[str], list[str]]:
+    """``lit-align <args>`` through :func:`lit_align.cli.main`: its exit status, its stderr lines, and what
+    Lightning's logger printed before."""
+    logged, logger = _Lines(), logging.getLogger("lightning.pytorch")
+    logger.addHandler(logged)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+    finally:
+        logger.removeHandler(logged)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines(), logged.lines
+
+
+def _offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_model_source_errors_say_what_is_wrong_on_the_first_line(tmp_path, monkeypatch, capsys):
+    """``--model.model`` as a typo'd local path (beside the real export), a directory holding no model, and a hub id
+    with ``HF_HUB_OFFLINE=1``: after the line naming what is being loaded, the first stderr line is
+    ``lit-align fit: error: ...`` naming the source and the fix, then one hint line, exit status 2: no traceback,
+    no parser dump. From Python, ``run`` raises the :class:`ModelLoadError` itself."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sft" / "export").mkdir(parents=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no model here")
+    _offline(monkeypatch)
+    cases = {
+        "runs/sft/exprt": r"'runs/sft/exprt' does not exist .*; did you mean 'runs/sft/export'\?",
+        "notes": r"'notes' holds no model or tokenizer \(no config.json",
+        "nobody/no-such-model": r"cannot reach the Hugging Face hub for 'nobody/no-such-model' \(HF_HUB_OFFLINE is "
+        r"set.*pass a local directory, or unset HF_HUB_OFFLINE",
+    }
+    for source, expected in cases.items():
+        code, err, logged = _main_exit(["fit", "-c", SFT, "--model.model", source, *QUIET], capsys)
+        assert code == 2 and len(err) == 2, err
+        assert re.match(f"lit-align fit: error: {expected}", err[0]), err[0]
+        assert "LIT_ALIGN_DEBUG=1" in err[1]
+        assert any(line.startswith("lit_align fit: loading lit_align.SFTModule") and repr(source) in line
+                   and "bundled:self_instruct_seed_tasks.jsonl" in line for line in logged), logged  # fmt: skip
+    with pytest.raises(ModelPathNotFoundError, match="does not exist"):
+        run(["fit", "-c", SFT, "--model.model", "runs/sft/exprt"])
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        load_tokenizer("nobody/no-such-model")
+
+
+def test_a_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
+    """What counts as a local path (and so gets "does not exist" rather than the hub's "Repo id must be in the form
+    'repo_name'"): ./ ../ / ~, more than one slash, an existing parent directory, or an existing path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("./x", "../x", "/x", "~/x", "a/b/c", "runs/typo", "runs"):
+        assert looks_like_path(name), name
+    for name in ("tiny", "gpt2", "meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M"):
+        assert not looks_like_path(name), name
+
+
+def test_config_typos_in_model_name_the_option_and_its_close_match_first(tmp_path, capsys, monkeypatch):
+    """A typo inside ``model:`` on the command line and in a YAML file, and one in ``trainer:``: stderr is the one
+    error line (naming the key, the class and the close match) and one hint line, not 50 lines of usage and the
+    parser's nested type dump; ``LIT_ALIGN_DEBUG=1`` gives that whole message back."""
+    config, typo = tmp_path / "typo.yaml", yaml.safe_load(Path(SFT).read_text())
+    typo["model"]["init_args"]["lrr"] = typo["model"]["init_args"].pop("lr")
+    config.write_text(yaml.safe_dump(typo))
+    expected = r".*fit: error: model \(lit_align.SFTModule\): Option 'lrr' is not accepted \(did you mean 'lr'\?\)"
+    once = "--trainer.fast_dev_run=true"  # were a typo not caught, one step and no export, not the whole run
+    for args in (["fit", "-c", SFT, "--model.init_args.lrr", "1e-3", once], ["fit", "-c", str(config), once]):
+        code, err, _ = _main_exit(args, capsys)
+        assert code == 2 and len(err) == 2 and re.fullmatch(expected, err[0]), err
+    code, err, _ = _main_exit(["fit", "-c", SFT, "--trainer.max_stepss", "3", once], capsys)
+    assert code == 2 and "(did you mean 'trainer.max_steps'?)" in err[0], err
+    monkeypatch.setenv("LIT_ALIGN_DEBUG", "1")
+    code, err, _ = _main_exit(["fit", "-c", str(config), once], capsys)
+    assert code == 2 and any("Does not validate against any of the Union subtypes" in line for line in err)
+
+
+def test_short_parser_error_keeps_the_problem_and_drops_the_type_dump():
+    """jsonargparse's nested message for a bad value inside ``model:``, reduced to where and what."""
+    message = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lit_align.modules.base.AlignModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'lit_align.SFTModule':
+        Parser key "lr":
+          Expected a <class 'float'>. Got value: abc
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='lr', val='abc')"""
+    assert short_parser_error(message) == "model.lr (lit_align.SFTModule): Expected a <class 'float'>. Got value: abc"
+    assert short_parser_error("--ckpt_path last: no checkpoint") == "--ckpt_path last: no checkpoint"
+
+
+MODULES = ["SFTModule", "RewardModule", "DPOModule", "KTOModule", "PPOModule", "GRPOModule", "OnlineDPOModule",
+           "DistillModule"]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_model_help_is_short_and_documents_every_option(module, capsys):
+    """``lit-align fit --model.help lit_align.<Module>``: every constructor option has a description (not only its
+    type), ``--model.model`` lists no nn.Module subclasses (it was 518 of DPO's 695 lines), and the whole help is
+    under 300 lines."""
+    with pytest.raises(SystemExit):
+        run(["fit", "--model.help", f"lit_align.{module}"])
+    text = capsys.readouterr().out
+    entries = re.split(r"\n  (?=--model\.)", text[text.index("Help for --model.help") :])[1:]
+    options = {entry.split()[0]: " ".join(entry.split()[1:]) for entry in entries}
+    assert len(options) >= 10 and "--model.model" in options
+    undocumented = [name for name, text in options.items() if re.match(r"(\S+\s+)?\(type:", text)]
+    assert not undocumented, undocumented
+    assert "known subclasses" not in options["--model.model"]
+    assert len(text.splitlines()) < 300
+
+
+def test_one_way_to_set_the_optimizer_and_one_learning_rate_in_the_printed_config(capsys):
+    """``fit --help`` lists no top-level ``--optimizer``/``--lr_scheduler`` (the modules take theirs as
+    ``--model.init_args.optimizer``), which are refused as unknown; ``--print_config`` shows ``model.init_args.lr``
+    and no optimizer ``lr``; an optimizer ``lr`` set to another value than ``model.lr`` is an error naming both."""
+    with pytest.raises(SystemExit):
+        run(["fit", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--model.help" in help_text and not re.search(r"--(optimizer|lr_scheduler)\b", help_text)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "-c", SFT, "--optimizer", "torch.optim.SGD"])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(["fit", "-c", SFT, "--model.lr", "1e-4", "--print_config"])
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)["model"]["init_args"]
+    assert printed.count(" lr:") == 1 and config["lr"] == 1e-4
+    assert config["optimizer"]["class_path"] == "torch.optim.AdamW" and "lr" not in config["optimizer"]["init_args"]
+    with pytest.raises(ValueError, match=r"optimizer.init_args.lr=0.1: the learning rate is set by --model.init_args"):
+        run(["fit", "-c", SFT, "--model.init_args.optimizer.init_args.lr", "0.1"])
+
+
+def test_recipe_and_generate_go_to_their_own_modules_and_help_names_them(monkeypatch, capsys):
+    """``lit-align recipe ...`` and ``lit-align generate ...`` call ``lit_align.recipe.main`` and
+    ``lit_align.generate.main`` with the rest of the command line (stand-ins here); ``lit-align --help`` names
+    both."""
+    for command in ("recipe", "generate"):
+        stand_in = types.ModuleType(f"lit_align.{command}")
+        stand_in.main = lambda argv, command=command: (command, argv)
+        monkeypatch.setitem(sys.modules, f"lit_align.{command}", stand_in)
+        assert main([command, "-c", "x.yaml", "--force"]) == (command, ["-c", "x.yaml", "--force"])
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "lit-align recipe" in help_text and "lit-align generate" in help_text

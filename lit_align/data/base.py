@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_align.data.sources import DataError, DataSource, Record, UnreadableRow, read_records
+from lit_align.ops import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,33 @@ def resolve_sources(source: DataSource | Sequence[str]) -> list[Record]:
     if isinstance(source, Sequence) and not isinstance(source, str) and all(isinstance(s, str) for s in source):
         return [record for s in source for record in read_records(s)]
     return read_records(source)
+
+
+def example_prompt_ids(example: Mapping[str, Any]) -> list[int]:
+    """The prompt of a tokenized example: its ``prompt_ids`` (preference, unpaired and prompt examples), else the
+    tokens of an SFT example (``input_ids``, ``labels``) before its first labelled one."""
+    if "prompt_ids" in example:
+        return list(example["prompt_ids"])
+    labels = example["labels"]
+    start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return list(example["input_ids"][:start])
+
+
+@dataclass
+class PredictCollator:
+    """The DataModule's own collator, each batch also carrying ``prompt_ids`` (one token list per example, see
+    :func:`example_prompt_ids`) and, when the examples have responses, ``response_ids`` (every example's responses in
+    order, so that response ``n`` of the batch is ``response_ids[n]``), for ``predict_step`` to sample from and to
+    decode."""
+
+    collator: Any
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        batch["prompt_ids"] = [example_prompt_ids(e) for e in examples]
+        if examples and all("response_ids" in e for e in examples):
+            batch["response_ids"] = [list(r) for e in examples for r in e["response_ids"]]
+        return batch
 
 
 class ResumableSampler(DistributedSampler):
@@ -284,6 +313,20 @@ class RecordsDataModule(L.LightningDataModule):
         ``train_data``), as ``test/...`` metrics. To test on another set, point ``val_data`` at it for the test run
         (``lit-align test -c <config> --data.init_args.val_data test.jsonl``)."""
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out split for ``lit-align predict`` (``trainer.predict``), in order, as :meth:`test_dataloader`
+        serves it but with no padding copies (Lightning's predict sampler shards without repeating) and with each
+        example's prompt in the batch (:class:`PredictCollator`): policies sample completions for those prompts, a
+        reward model scores the split's responses."""
+        return DataLoader(
+            list(self.val_dataset or []),
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=PredictCollator(self.collator),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def neutral_example(self, example: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``example`` that pads a batch without counting in any metric (no labelled token, no pair, a

@@ -167,7 +167,8 @@ class AlignModule(L.LightningModule):
         model: ``"tiny"`` (the embedded offline preset), a Hugging Face hub id or local directory, or an already built
             causal LM (``nn.Module``) for use in your own project.
         tokenizer: a tokenizer or its name/path; by default the one that goes with ``model``.
-        lr: peak learning rate, applied to whichever optimizer is used.
+        lr: peak learning rate, applied to whichever optimizer is used: it replaces the optimizer's own ``lr``,
+            which a printed or saved config therefore leaves out (setting that one to another value is an error).
         optimizer: optimizer factory (``class_path`` in YAML); default AdamW with betas (0.9, 0.95), as InstructGPT.
         lr_scheduler: schedule factory, stepped every optimizer step (PPO and GRPO: every rollout batch); default
             :class:`~lit_align.optim.WarmupCosineLR` (3% warm-up, cosine decay to 10%).
@@ -415,6 +416,32 @@ class AlignModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
+
+    # ----- lit-align predict --------------------------------------------------------------------------------------
+    #: the most tokens :meth:`predict_step` generates per prompt, for a method without a ``max_new_tokens`` of its own
+    predict_max_new_tokens: int = 64
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        """``lit-align predict`` (``trainer.predict``): the policy's greedy completion of each prompt of the batch (the
+        DataModule's predict loader: the held-out split, see
+        :meth:`~lit_align.data.base.RecordsDataModule.predict_dataloader`), as ``[{"prompt", "completion"}]``. At
+        most the method's own ``max_new_tokens`` (the methods that sample) or :attr:`predict_max_new_tokens` tokens,
+        stopped at EOS or the chat template's end of turn; the prompt is the batch's ``prompt_text`` where it has
+        one, else its tokens decoded. For other settings (sampling, several samples) use ``lit-align generate`` on
+        the export."""
+        from lit_align.generate import batch_prompt_ids, decode_prompt, generate_ids
+
+        prompts = batch_prompt_ids(batch)
+        stage = getattr(self, "rollout_stage", None)
+        max_new_tokens = getattr(stage, "max_new_tokens", None) or self.predict_max_new_tokens
+        with self.sampling_context():
+            completions = generate_ids(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=max(len(prompts), 1))  # fmt: skip
+        texts = batch.get("prompt_text") or [decode_prompt(self.tokenizer, ids) for ids in prompts]
+        return [
+            {"prompt": text, "completion": self.tokenizer.decode(samples[0], skip_special_tokens=True)}
+            for text, samples in zip(texts, completions)
+        ]
 
     def on_validation_epoch_start(self) -> None:
         # Metric states reset under inference mode (by a previous trainer.validate) become inference tensors, which

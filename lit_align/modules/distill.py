@@ -98,7 +98,8 @@ class DistillModule(AlignModule):
         lmbda: the fraction of batches trained on the student's samples (the paper's lambda; 1 fully on-policy).
             The others use the data's completions (supervised KD); prompt-only data is always on-policy.
         num_samples: completions sampled per prompt.
-        max_new_tokens, top_p: sampling; the data's completions are cut at ``max_new_tokens`` too.
+        max_new_tokens: the most tokens sampled per completion; the data's completions are cut there too.
+        top_p: nucleus sampling's probability mass (1.0: no truncation).
         max_grad_norm: gradient clipping (``None``: none).
         share_prompt: pack a prompt and its completions in one row (sdpa or eager attention); false: a row each.
         generator: the sampling engine (default :class:`~lit_align.rollout.HFGenerator`).

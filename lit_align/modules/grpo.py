@@ -97,12 +97,14 @@ class GRPOModule(AlignModule):
             length-normalised ratio per completion) or ``"sequence_sum"`` (the completion's whole probability ratio,
             as TRL's ``RLOOTrainer``); see :func:`~lit_align.losses.grpo_policy_loss`. The sequence levels take
             ``loss_type: grpo``.
-        clip_eps, clip_eps_high: the ratio's clip range ``[1 - clip_eps, 1 + clip_eps_high]`` (``clip_eps_high``
-            defaults to ``clip_eps``; DAPO uses 0.28).
+        clip_eps: the lower side of the ratio's clip range ``[1 - clip_eps, 1 + clip_eps_high]``.
+        clip_eps_high: its upper side (default ``clip_eps``; DAPO's clip-higher uses 0.28).
         num_iterations: optimisation passes over each rollout batch (the paper's ``mu``; 1 is on-policy).
         mini_batch_size: prompts (each with its whole group) per optimizer step; ``None``: the whole batch, one
             step per pass.
-        max_new_tokens, temperature, top_p: sampling (log-probs are taken at the same temperature).
+        max_new_tokens: the most tokens sampled per completion.
+        temperature: sampling temperature; log-probs are taken at the same temperature.
+        top_p: nucleus sampling's probability mass (1.0: no truncation).
         missing_eos_penalty: subtracted from the reward of completions that never emit EOS (``None``: none).
         mask_truncated_completions: leave completions that never emit EOS (cut at ``max_new_tokens``) out of the
             loss (DAPO's overlong filtering, Yu et al. 2025); they still count in their group's advantages.

@@ -58,12 +58,18 @@ class OnlineDPOModule(AlignModule):
         reward_weights: one weight per reward function (default all 1).
         reward_model: a ``RewardModule`` export directory or ``*ForSequenceClassification`` id scoring the
             policy's token ids (used when no ``reward_fn`` is given), or ``"tiny"`` (untrained, to try the pipeline).
-        beta, loss_type, label_smoothing, simpo_gamma, discopop_tau, rpo_alpha: the DPO loss, as
-            :class:`~lit_align.modules.dpo.DPOModule` has them (``sigmoid`` is DPO; ``ipo`` is length-normalised,
-            as TRL's ``DPOTrainer``, where TRL's online trainer uses the unnormalised log-ratio difference).
-            Reference-free losses (``simpo``) need no reference model.
+        beta: strength of the KL regularisation towards the reference (DPO's beta; IPO's tau).
+        loss_type: the DPO loss on each sampled pair, one of :class:`~lit_align.modules.dpo.DPOModule`'s
+            (``sigmoid`` is DPO; ``ipo`` is length-normalised, as TRL's ``DPOTrainer``, where TRL's online trainer
+            uses the unnormalised log-ratio difference). Reference-free losses (``simpo``) need no reference model.
+        label_smoothing: assumed label-noise rate (cDPO with ``sigmoid``, ``robust``, ``exo_pair``).
+        simpo_gamma: SimPO's target reward margin.
+        discopop_tau: DiscoPOP's temperature.
+        rpo_alpha: weight of an extra per-token NLL loss on the preferred completion (RPO); ``None`` for none.
         ties: ``"skip"`` or ``"keep"`` (above).
-        max_new_tokens, temperature, top_p: sampling.
+        max_new_tokens: the most tokens sampled per completion.
+        temperature: sampling temperature.
+        top_p: nucleus sampling's probability mass (1.0: no truncation).
         missing_eos_penalty: subtracted from the score of completions that never emit EOS, before pairing (as
             TRL; ``None``: none).
         max_grad_norm: gradient clipping (``None``: none).

@@ -133,7 +133,13 @@ class PPOModule(AlignModule):
         kl_coef: initial coefficient of the per-token KL penalty (InstructGPT's beta).
         kl_estimator: ``"k1"`` (``log pi - log pi_ref``) or ``"k3"``.
         adaptive_kl: adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019) over ``kl_horizon`` samples.
-        max_new_tokens, temperature, top_p: sampling.
+        kl_target: with ``adaptive_kl``, the KL to the reference (summed over a completion's tokens, in nats) that
+            the controller steers ``kl_coef`` towards.
+        kl_horizon: with ``adaptive_kl``, the controller's horizon in sampled completions: the larger, the slower
+            ``kl_coef`` moves.
+        max_new_tokens: the most tokens sampled per completion.
+        temperature: sampling temperature (1.0 samples the policy's own distribution, which PPO's ratios assume).
+        top_p: nucleus sampling's probability mass (1.0: no truncation).
         missing_eos_penalty: subtracted from the score of responses that never emit EOS (``None``: no penalty).
         reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (``None``: no clipping), after normalising.
         normalize_scores: standardise the scores of each rollout batch (zero mean, unit variance) before the KL
@@ -142,8 +148,10 @@ class PPOModule(AlignModule):
         num_iterations: passes over each rollout batch (PPO's epochs; ``ppo_epochs`` is its deprecated name).
         mini_batch_size: prompts (each with its completion) per PPO mini-batch, and per forward micro-batch in the
             rollout: the same unit as GRPO's.
-        clip_eps, value_clip_eps: PPO's ratio clip and the value clip.
-        gamma, lam: GAE discount and lambda.
+        clip_eps: PPO's ratio clip: the surrogate is clipped to ``[1 - clip_eps, 1 + clip_eps]``.
+        value_clip_eps: the value loss's clip: a new value estimate counts at most this far from the rollout's.
+        gamma: GAE's discount per token (1.0: none, as InstructGPT).
+        lam: GAE's lambda, trading the advantage's bias (0) against its variance (1).
         ptx_coef: weight of the pre-training log-likelihood (InstructGPT's gamma; needs ``pretrain_data`` on the
             ``PromptDataModule``). 0 turns PPO-ptx off.
         max_grad_norm: gradient clipping for both optimizers (``None``: none).
@@ -157,6 +165,7 @@ class PPOModule(AlignModule):
             ``None``: the run's ``seed_everything`` seed.
         disable_dropout: set every dropout in the policy to 0, so that the probability ratio is exactly 1 before an
             update.
+        ppo_epochs: deprecated name of ``num_iterations``.
         *args, **kwargs: :class:`~lit_align.modules.base.AlignModule`'s arguments.
     """
 

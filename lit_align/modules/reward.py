@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,46 @@ class RewardModule(AlignModule):
                 f"{split}/reward_mean": self.val_reward_mean,
                 f"{split}/reward_std": self.val_reward_std,
             },
+        )
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """``lit-align predict``: the normalised rewards of the held-out split (the DataModule's predict loader). A
+        comparison batch (:class:`~lit_align.data.PreferenceDataModule`) gives one row per pair, ``{"prompt",
+        "chosen", "rejected", "reward_chosen", "reward_rejected"}``; a batch of responses
+        (:class:`~lit_align.data.InstructionDataModule`) one per response, ``{"prompt", "response", "reward"}``. Text
+        is decoded from the tokens (the prompt with the special tokens a chat template writes, the responses
+        without)."""
+        from lit_align.generate import batch_prompt_ids, decode_prompt
+
+        prompt_ids = batch_prompt_ids(batch)
+        prompts = [decode_prompt(self.tokenizer, ids) for ids in prompt_ids]
+        text = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        if "better" in batch and "response_ids" in batch:
+            rewards = self.rewards(batch).tolist()
+            responses = batch["response_ids"]
+            return [
+                {
+                    "prompt": prompts[g],
+                    "chosen": text(responses[b]),
+                    "rejected": text(responses[w]),
+                    "reward_chosen": rewards[b],
+                    "reward_rejected": rewards[w],
+                }  # fmt: skip
+                for b, w, g in zip(batch["better"].tolist(), batch["worse"].tolist(), batch["group"].tolist())
+            ]
+        if "labels" in batch:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            rewards = (sequence_rewards(self.model, ids, mask, batch.get("position_ids")) - self.reward_offset).tolist()
+            rows = []
+            for prompt, start, row, real, reward in zip(prompts, prompt_ids, ids.tolist(), mask.bool().tolist(),
+                                                        rewards):  # fmt: skip
+                response = [t for t, keep in zip(row, real) if keep][len(start) :]
+                rows.append({"prompt": prompt, "response": text(response), "reward": reward})
+            return rows
+        raise ValueError(
+            "RewardModule predicts on comparisons (PreferenceDataModule) or on responses (InstructionDataModule); "
+            f"this batch has neither (keys {sorted(batch)})"
         )
 
     # ----- normalisation and export -----------------------------------------------------------------------------

@@ -13,6 +13,12 @@ warm-up steps are discarded.
 Tokens/s counts the work as TRL's batches hold it: the real (non-pad) tokens of prompt+chosen plus
 prompt+rejected, however either side computes them. Peak memory is the peak resident set size during the timed
 steps minus the resident size when training starts (models and data already loaded).
+
+MFU, for the cases in ``COUNTED``, is the FLOPs each side actually performed (``benchmarks/flops.py``: every forward
+pass's real padded shape, recorded by the worker from its batches: lit_align's prompt-shared rows and log-probs only
+at scored positions, TRL's concatenated chosen/rejected rows and its head at every position; backward 2x for trained
+passes) over the timed seconds and the machine's matmul rate; it cannot exceed 100% except by noise. For the other
+cases it stays the old estimate (FLOPs per useful token x N x useful tokens/s), labelled "est.".
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import LlamaShape, Pass, step_flops  # noqa: E402  (benchmarks/flops.py, pure arithmetic)
 
 CASES = {
     "sft": "SFT",
@@ -47,6 +56,9 @@ FLOPS_PER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "dpo_precomputed": 6, "dpo_v
                    "grpo": 10, "rloo": 12, "kto": 12}  # fmt: skip
 # KTO: per completion token 6N trained and 2N for the reference, and 2N + 2N for the KL completions of the batch
 ON_POLICY = ("grpo", "rloo")
+# cases whose workers record every forward pass's real shape, so their MFU counts the FLOPs actually performed; the
+# others (sampling, KTO's KL completions) keep the estimate above, labelled as one
+COUNTED = ("sft", "reward", "dpo", "dpo_precomputed", "dpo_vocab32k", "dpo_vocab128k")
 VOCAB_CASES = {"dpo_vocab32k": 32_768, "dpo_vocab128k": 131_072}
 BUNDLED_HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
 
@@ -94,15 +106,33 @@ class StepTimer:
         self.times.append(time.perf_counter() - self._start)
 
 
-def summarize(times: list[float], tokens: list[int], warmup: int, memory: int) -> dict[str, Any]:
+def summarize(
+    times: list[float],
+    tokens: list[int],
+    warmup: int,
+    memory: int,
+    passes: list[list[Pass]] | None = None,
+    shape: LlamaShape | None = None,
+) -> dict[str, Any]:
+    """Per-run figures over the timed steps. ``passes``: the forward passes each step ran (from its batch's real
+    shapes), in step order, for the FLOPs it actually performed (``None`` where the worker does not record them)."""
+    import torch
+
     timed, counted = times[warmup:], tokens[warmup : len(times)]
-    return {
+    out = {
         "tokens_per_s": sum(counted) / sum(timed),
         "peak_rss_mb": memory / 2**20,
         "steps": len(timed),
         "tokens_per_step": sum(counted) / len(timed),
         "seconds_per_step": sum(timed) / len(timed),
+        "threads": torch.get_num_threads(),
     }
+    if passes is not None and shape is not None:
+        if len(passes) < len(times):
+            raise RuntimeError(f"recorded the batch shapes of {len(passes)} steps but timed {len(times)}")
+        done = [step_flops(shape, step) for step in passes[warmup : len(times)]]
+        out.update(flops_per_s=sum(done) / sum(timed), flops_per_step=sum(done) / len(timed))
+    return out
 
 
 # ----- the two workers ------------------------------------------------------------------------------------------------
@@ -127,7 +157,7 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
     from lit_align.rewards import CharacterFractionReward
     from lit_align.rollout import HFGenerator
 
-    timer, tokens, memory = StepTimer(), [], None
+    timer, tokens, memory, passes = StepTimer(), [], None, []
     path = str(model_dir(case, workdir))
     if case == "sft":
         module = SFTModule(model=path, lr=1e-6)
@@ -178,7 +208,10 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
             tokens.append(
                 sum(len(e["prompt_ids"]) * len(e["response_ids"]) + sum(map(len, e["response_ids"])) for e in examples)
             )
-        return collate(examples)
+        batch = collate(examples)
+        if case in COUNTED:
+            passes.append(lit_align_passes(case, batch))
+        return batch
 
     data.collator = counting_collator
 
@@ -207,14 +240,32 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
         callbacks=[Measure()],
     )
     trainer.fit(module, data)
-    return summarize(timer.times, tokens, args.warmup, memory.stop())
+    shape = LlamaShape.from_config(json.loads((Path(path) / "config.json").read_text()))
+    return summarize(timer.times, tokens, args.warmup, memory.stop(), passes if case in COUNTED else None, shape)
+
+
+def lit_align_passes(case: str, batch: dict[str, Any]) -> list[Pass]:
+    """The passes lit_align runs on one collated batch: the policy (trained) over the padded rows as collated
+    (prompt-shared rows for the preference cases), its unembedding only at the positions that predict scored
+    tokens, through ``linear_log_probs``, which recomputes the logits in backward; the live reference's forward on
+    the same rows; a reward model's scalar head only at each response's last token."""
+    rows, length = batch["input_ids"].shape
+    if case == "sft":  # labelled_nll: the unembedding where labels[:, 1:] is set
+        scored = int((batch["labels"][:, 1:] != -100).sum())
+        return [Pass(rows, length, "lm", scored, trained=True, recompute_head=True)]
+    if case == "reward":
+        return [Pass(rows, length, "score", len(batch["response_row"]), trained=True)]
+    policy = Pass(rows, length, "lm", len(batch["target_id"]), trained=True, recompute_head=True)
+    if case == "dpo_precomputed":  # the reference's log-probs were computed before training
+        return [policy]
+    return [policy, Pass(rows, length, "lm", len(batch["target_id"]), trained=False)]
 
 
 def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    timer, tokens, memory = StepTimer(), [], None
+    timer, tokens, memory, passes = StepTimer(), [], None, []
     path = model_dir(case, workdir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     common = dict(
@@ -315,16 +366,36 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
         tokens.append(
             int(mask.sum()) + (int(batch["rejected_attention_mask"].sum()) if "rejected_attention_mask" in batch else 0)
         )
+        if case in COUNTED:
+            passes.append(trl_passes(case, batch))
         return batch
 
     trainer.data_collator = counting_collator
     trainer.train()
-    return summarize(timer.times, tokens, args.warmup, memory.stop())
+    shape = LlamaShape.from_config(json.loads((path / "config.json").read_text()))
+    return summarize(timer.times, tokens, args.warmup, memory.stop(), passes if case in COUNTED else None, shape)
+
+
+def trl_passes(case: str, batch: dict[str, Any]) -> list[Pass]:
+    """The passes TRL 1.16 runs on one collated batch (``input_ids`` ``[rows, T]``; chosen and rejected are
+    concatenated into ``2 * batch`` rows for the preference trainers). Its fused log-prob head
+    (``add_fused_lm_head``) scores every position but each row's last on a CPU (it compacts to labelled positions
+    only on Triton devices) and recomputes the logits in backward; a sequence-classification reward model applies
+    its scalar head at every position; the live reference runs the same rows forward only."""
+    rows, length = batch["input_ids"].shape
+    if case == "reward":
+        return [Pass(rows, length, "score", None, trained=True)]
+    policy = Pass(rows, length, "lm", rows * max(length - 1, 0), trained=True, recompute_head=True)
+    if case in ("sft", "dpo_precomputed"):  # TRL's precomputed reference log-probs are computed before training
+        return [policy]
+    return [policy, Pass(rows, length, "lm", rows * max(length - 1, 0), trained=False)]
 
 
 # ----- preparing the shared inputs and driving the workers ------------------------------------------------------------
 def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Save the tiny model directory and the rows both sides train on."""
+    """Save the model directory (the tiny preset resized by ``--hidden``, ``--layers``, ``--intermediate``,
+    ``--heads``, ``--kv-heads``, ``--vocab``, ``--tied``; the vocabulary cases' larger models only when those cases
+    run) and the rows both sides train on."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -333,12 +404,18 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from lit_align.models import load_tokenizer, tiny_config
 
     tokenizer = load_tokenizer("tiny")
-    overrides = {"hidden_size": args.hidden, "intermediate_size": 3 * args.hidden, "num_hidden_layers": args.layers}
+    overrides = {"hidden_size": args.hidden, "intermediate_size": args.intermediate or 3 * args.hidden,
+                 "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+                 "num_key_value_heads": args.kv_heads, "tie_word_embeddings": args.tied}  # fmt: skip
     config = tiny_config(tokenizer, **overrides)
+    if args.vocab:  # ids above the tokenizer's stay unused: the unembedding's size is what costs
+        config.vocab_size = args.vocab
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
-    for vocab in VOCAB_CASES.values():  # same model, a larger unembedding (ids above the tokenizer's stay unused)
+    for case, vocab in VOCAB_CASES.items():  # same model, a larger unembedding (ids above the tokenizer's stay unused)
+        if case not in args.cases.split(","):
+            continue
         big = LlamaConfig(**{**config.to_dict(), "vocab_size": vocab})
         LlamaForCausalLM(big).save_pretrained(workdir / f"model-{vocab}")
         tokenizer.save_pretrained(workdir / f"model-{vocab}")
@@ -382,11 +459,15 @@ def worker(impl: str, case: str, workdir: Path, args: argparse.Namespace) -> dic
         str(workdir),
         *("--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
-        *("--hidden", str(args.hidden), "--layers", str(args.layers)),
+        *("--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(args.intermediate)),
+        *("--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--vocab", str(args.vocab)),
+        *(("--tied",) if args.tied else ()),
         *("--group-size", str(args.group_size), "--completion-length", str(args.completion_length)),
         *("--grpo-prompts", str(args.grpo_prompts)),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1",
+           "PYTHONWARNINGS": "ignore"}  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {case} failed:\n{out.stderr[-4000:]}")
@@ -397,7 +478,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--repeats", type=int, default=3)
@@ -408,12 +489,87 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128, help="hidden size of the Llama model (tiny: 128)")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (tiny: 2)")
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 3 x hidden, as the tiny preset)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (tiny: 4)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (tiny: 2)")
+    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the tiny tokenizer's 4,096)")
+    parser.add_argument("--tied", action="store_true", help="tie the unembedding to the embedding (tiny: untied)")
     parser.add_argument("--group-size", type=int, default=8, help="GRPO: completions per prompt")
     parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO: prompts per step")
     parser.add_argument("--completion-length", type=int, default=32, help="GRPO: tokens sampled per completion")
     parser.add_argument("--worker", choices=["lit_align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+MFU_HEADER = (
+    "useful tok/s = real tokens as TRL's batches hold them (prompt once per response), however either side computes "
+    "them; MFU = FLOPs that side actually performed (its real padded batch shapes, attention over the padded "
+    "rectangle, unembedding only where computed, backward 2x for trained passes) / time / the measured matmul rate; "
+    "'est.' (on-policy cases, KTO) = the old estimate, FLOPs-per-token x N x useful tok/s / matmul rate, which "
+    "charges lit_align for work it shares or skips and can exceed 100%"
+)
+
+
+def run_case(case: str, workdir: Path, args: argparse.Namespace, peak: float) -> dict[str, Any]:
+    """One case, ``--repeats`` alternating pairs of fresh worker processes: every run's figures and their medians,
+    ratios and MFU against the matmul rate ``peak`` (FLOP/s)."""
+    results: dict[str, list[dict[str, Any]]] = {"lit_align": [], "trl": []}
+    run_args, repeats = args, args.repeats
+    if case in VOCAB_CASES:  # a memory case, and TRL takes ~40 s a step at 128k: one short run each
+        run_args, repeats = argparse.Namespace(**{**vars(args), "steps": 2, "warmup": 1}), 1
+    for repeat in range(repeats):
+        order = ("lit_align", "trl") if repeat % 2 == 0 else ("trl", "lit_align")
+        for impl in order:
+            results[impl].append(worker(impl, case, workdir, run_args))
+    ours, theirs = ([r["tokens_per_s"] for r in results[impl]] for impl in ("lit_align", "trl"))
+    pairs = list(zip(results["lit_align"], results["trl"]))
+    out: dict[str, Any] = {
+        "case": case,
+        "runs": results,
+        "tokens_per_s": {"lit_align": ours, "trl": theirs},
+        "speed_ratio": [a / b for a, b in zip(ours, theirs)],
+        "memory_ratio": [a["peak_rss_mb"] / max(b["peak_rss_mb"], 1e-9) for a, b in pairs],
+        "peak_rss_mb": {impl: statistics.median(r["peak_rss_mb"] for r in results[impl]) for impl in results},
+        "threads": sorted({r["threads"] for impl in results for r in results[impl]}),
+    }
+    if case in COUNTED:  # FLOPs actually performed, per run
+        out["mfu"] = {impl: [r["flops_per_s"] / peak for r in results[impl]] for impl in results}
+        out["mfu_kind"] = "performed"
+    else:
+        n = matmul_params(model_dir(case, workdir), unembedding=case != "reward")
+        rates = out["tokens_per_s"]
+        out["mfu"] = {impl: [FLOPS_PER_TOKEN[case] * n * x / peak for x in rates[impl]] for impl in results}
+        out["mfu_kind"] = "estimate"
+    out["seconds_per_step"] = {impl: [r["seconds_per_step"] for r in results[impl]] for impl in results}
+    out["step_ratio"] = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in pairs]
+    return out
+
+
+def format_case(result: dict[str, Any], args: argparse.Namespace) -> str:
+    case, ratios, mem = result["case"], result["speed_ratio"], result["memory_ratio"]
+    med = statistics.median
+    mfu = result["mfu"]
+    label = "" if result["mfu_kind"] == "performed" else " est."
+    line = (
+        f"{CASES[case]:28s} {spread(result['tokens_per_s']['lit_align']):>24s} "
+        f"{spread(result['tokens_per_s']['trl']):>24s} {med(ratios):6.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
+        f"{med(mfu['lit_align']):6.1%}/{med(mfu['trl']):5.1%}{label:5s} "
+        f"{result['peak_rss_mb']['lit_align']:.0f}/{result['peak_rss_mb']['trl']:.0f} MB {med(mem):.2f}x"
+    )
+    if case in ON_POLICY:  # the same work on both sides, so step time is the inverse of the speed ratio
+        steps, step_ratios = result["seconds_per_step"], result["step_ratio"]
+        line += (
+            f"\n{'  ' + case.upper() + ' seconds per step':28s} {med(steps['lit_align']):.3f} s vs "
+            f"{med(steps['trl']):.3f} s: step time {med(step_ratios):.2f}x TRL's "
+            f"[{min(step_ratios):.2f}-{max(step_ratios):.2f}] "
+            f"({args.grpo_prompts} prompts x {args.group_size} completions of {args.completion_length} tokens)"
+        )
+    return line
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     import torch
 
@@ -441,49 +597,13 @@ def main() -> None:
             f"{info['prompt_share']:.0%} of TRL's DPO tokens), {info['sft_rows']} SFT rows; fp32 matmul "
             f"{peak / 1e9:.1f} GFLOP/s measured"
         )
+        print(f"# {MFU_HEADER}")
         print(
-            f"{'case':28s} {'lit_align tok/s':>24s} {'TRL tok/s':>24s} {'speed ratio':>20s} "
-            f"{'MFU ours/TRL':>14s} {'peak memory':>24s}"
+            f"{'case':28s} {'lit_align useful tok/s':>24s} {'TRL useful tok/s':>24s} {'speed ratio':>20s} "
+            f"{'MFU ours/TRL':>17s} {'peak memory':>24s}"
         )
         for case in args.cases.split(","):
-            results: dict[str, list[dict[str, Any]]] = {"lit_align": [], "trl": []}
-            run_args, repeats = args, args.repeats
-            if case in VOCAB_CASES:  # a memory case, and TRL takes ~40 s a step at 128k: one short run each
-                run_args, repeats = argparse.Namespace(**{**vars(args), "steps": 2, "warmup": 1}), 1
-            for repeat in range(repeats):
-                order = ("lit_align", "trl") if repeat % 2 == 0 else ("trl", "lit_align")
-                for impl in order:
-                    results[impl].append(worker(impl, case, workdir, run_args))
-            ours = [r["tokens_per_s"] for r in results["lit_align"]]
-            theirs = [r["tokens_per_s"] for r in results["trl"]]
-            ratios = [a / b for a, b in zip(ours, theirs)]
-            mem_ratios = [
-                a["peak_rss_mb"] / max(b["peak_rss_mb"], 1e-9) for a, b in zip(results["lit_align"], results["trl"])
-            ]
-            n = matmul_params(model_dir(case, workdir), unembedding=case != "reward")
-            mfu = [FLOPS_PER_TOKEN[case] * n * statistics.median(x) / peak for x in (ours, theirs)]
-            mem = (
-                f"{statistics.median(r['peak_rss_mb'] for r in results['lit_align']):.0f}/"
-                f"{statistics.median(r['peak_rss_mb'] for r in results['trl']):.0f} MB "
-                f"{statistics.median(mem_ratios):.2f}x"
-            )
-            print(
-                f"{CASES[case]:28s} {spread(ours):>24s} {spread(theirs):>24s} "
-                f"{statistics.median(ratios):6.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
-                f"{mfu[0]:6.1%}/{mfu[1]:5.1%} {mem:>24s}",
-                flush=True,
-            )
-            if case in ON_POLICY:  # the same work on both sides, so step time is the inverse of the speed ratio
-                step_ratios = [a["seconds_per_step"] / b["seconds_per_step"]
-                               for a, b in zip(results["lit_align"], results["trl"])]  # fmt: skip
-                print(
-                    f"{'  ' + case.upper() + ' seconds per step':28s} "
-                    f"{statistics.median(r['seconds_per_step'] for r in results['lit_align']):.3f} s vs "
-                    f"{statistics.median(r['seconds_per_step'] for r in results['trl']):.3f} s: step time "
-                    f"{statistics.median(step_ratios):.2f}x TRL's [{min(step_ratios):.2f}-{max(step_ratios):.2f}] "
-                    f"({args.grpo_prompts} prompts x {args.group_size} completions of {args.completion_length} tokens)",
-                    flush=True,
-                )
+            print(format_case(run_case(case, workdir, args, peak), args), flush=True)
 
 
 def matmul_flops(threads: int, size: int = 2048, repeats: int = 5) -> float:

@@ -10,11 +10,14 @@ GRPO policies, trained on different data with different objectives, are measured
 - ``kl``: ``mean_x sum_t [log pi(y_t|x, y_<t) - log pi_base(y_t|x, y_<t)]`` on the same samples, the Monte Carlo
   estimate of ``KL(pi || pi_base)`` per sequence in nats (InstructGPT's KL to the SFT policy);
 - ``win_rate``: the share of prompts whose sample the reward model prefers to the baseline's sample for the same
-  prompt, ties counted half (0.5 for the baseline itself);
+  prompt, ties counted half (0.5 for the baseline itself), with its standard error ``win_rate_se`` over prompts;
 - ``accuracy``: the share of greedy answers whose final number equals the reference's
   (:class:`~lit_align.rewards.NumericAnswerReward`).
 
-Samples are drawn by :func:`~lit_align.generate.generate_ids`, keyed: each depends on the seed and its prompt's
+The comparison is paired: every policy draws prompt ``i``'s sample from the same seed (common random numbers), so
+two policies that differ little give the same text where they agree, a tie, and the differences between policies
+are measured with less noise than independent samples would give. Samples are drawn by
+:func:`~lit_align.generate.generate_ids`, keyed: each depends on the seed and its prompt's
 index only, so the numbers do not change with the batch size.
 """
 
@@ -76,11 +79,15 @@ def completion_logps(
     return torch.cat(totals) if totals else torch.zeros(0)
 
 
-def win_rate(rewards: torch.Tensor, baseline_rewards: torch.Tensor) -> float:
-    """The share of prompts where ``rewards`` beats ``baseline_rewards``, ties counted half."""
+def win_rate(rewards: torch.Tensor, baseline_rewards: torch.Tensor) -> tuple[float, float]:
+    """The share of prompts where ``rewards`` beats ``baseline_rewards``, ties counted half, and its standard error
+    over prompts (the standard deviation of the per-prompt outcomes 1, 0.5, 0 over the square root of their number;
+    0 for a single prompt)."""
     if rewards.shape != baseline_rewards.shape or rewards.numel() == 0:
         raise ValueError(f"win_rate needs two equal, non-empty shapes; got {rewards.shape}, {baseline_rewards.shape}")
-    return float(((rewards > baseline_rewards).float() + 0.5 * (rewards == baseline_rewards).float()).mean())
+    outcomes = (rewards > baseline_rewards).double() + 0.5 * (rewards == baseline_rewards).double()
+    se = outcomes.std() / outcomes.numel() ** 0.5 if outcomes.numel() > 1 else torch.tensor(0.0)
+    return float(outcomes.mean()), float(se)
 
 
 @dataclass
@@ -90,13 +97,14 @@ class PolicyEval:
     reward: float | None = None
     kl: float | None = None
     win_rate: float | None = None
+    win_rate_se: float | None = None
     accuracy: float | None = None
     response_length: float | None = None
     samples: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        names = ("reward", "kl", "win_rate", "accuracy", "response_length")
+        names = ("reward", "kl", "win_rate", "win_rate_se", "accuracy", "response_length")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -133,7 +141,7 @@ def evaluate_policy(
         result.rewards = rewards.tolist()
         result.reward = float(rewards.mean())
         if baseline_samples is not None:
-            result.win_rate = win_rate(rewards, torch.tensor(baseline_samples["rewards"]))
+            result.win_rate, result.win_rate_se = win_rate(rewards, torch.tensor(baseline_samples["rewards"]))
     if baseline is not None:
         kl = completion_logps(policy, prompts.ids, completions, batch_size) - completion_logps(
             baseline, prompts.ids, completions, batch_size

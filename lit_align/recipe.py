@@ -31,7 +31,6 @@ import os
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +106,9 @@ class Recipe:
         self.stages: dict[str, Stage] = {}
         for name, entry in stages.items():
             where = f"stages.{name}"
+            if not str(name).isidentifier() or name in ("report", "evaluation"):
+                raise RecipeError(f"{self.path}: stage name {name!r}: use a name like sft or ppo_long (it names "
+                                  "the stage's directory; report and evaluation are the recipe's own)")  # fmt: skip
             if not isinstance(entry, Mapping) or "config" not in entry:
                 raise RecipeError(f"{self.path}: {where} needs a 'config' (a method config such as sft.yaml)")
             self._check_keys(entry, STAGE_KEYS, where + ".")
@@ -120,6 +122,11 @@ class Recipe:
             overrides = entry.get("overrides") or {}
             if not isinstance(overrides, Mapping):
                 raise RecipeError(f"{self.path}: {where}.overrides must be a mapping of config keys")
+            wired = {"trainer.default_root_dir", "model.init_args.export_dir", "model.init_args.model",
+                     "model.init_args.reward_model"}  # fmt: skip
+            for key in sorted(wired & set(_dotted(overrides))):
+                raise RecipeError(f"{self.path}: {where}.overrides sets {key}, which the recipe sets (the stage's "
+                                  "directory, or `init` / `reward_model` / `model`); set those instead")  # fmt: skip
             self.stages[name] = Stage(name, config, entry.get("init"), entry.get("reward_model"), dict(overrides))
         self.evaluation = dict(spec.get("evaluation") or {})
         self._check_keys(self.evaluation, EVAL_KEYS, "evaluation.")
@@ -157,11 +164,25 @@ class Recipe:
         except (OSError, ValueError):
             return None
 
+    def export_digest(self, name: str) -> str | None:
+        """The digest of a stage's export: of its checksum manifest (:mod:`lit_align.checksums`, the SHA-256 of every
+        file), so that an export rewritten in any way (a re-run, the printed command run by hand) counts as new."""
+        from lit_align.checksums import MANIFEST
+
+        manifest = self.export(name) / MANIFEST
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else None
+
     def fingerprint(self, stage: Stage) -> str:
-        """Changes when the stage's config file, its overrides or an upstream stage's run change."""
-        upstream = [(self.record(n) or {}).get("run_id") for n in (stage.init, stage.reward_model) if n is not None]
+        """Changes when the stage's config file, its overrides or the exports it reads change."""
+        upstream = [self.export_digest(n) for n in (stage.init, stage.reward_model) if n is not None]
         payload = [stage.config.read_text(), self.stage_overrides(stage), upstream]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def finished(self, name: str) -> bool:
+        """Whether the stage finished with its current inputs and its export is still the one it wrote."""
+        done = self.record(name) or {}
+        current = done.get("fingerprint") == self.fingerprint(self.stages[name])
+        return current and done.get("export_digest") == self.export_digest(name) is not None
 
     def command(self, stage: Stage) -> str:
         return f"lit-align fit -c {stage.config} -c {stage.directory(self.root) / 'recipe.yaml'}"
@@ -176,10 +197,11 @@ class Recipe:
         out.mkdir(parents=True, exist_ok=True)
         overrides = self.stage_overrides(stage)
         config = yaml.safe_load(stage.config.read_text()) or {}
-        if config.get("trainer", {}).get("logger") in (None, True) and "logger" not in overrides.get("trainer", {}):
-            # the report draws its plots from Lightning's CSV metrics
+        logger = (overrides.get("trainer") or {}).get("logger", (config.get("trainer") or {}).get("logger"))
+        if logger is not False:  # the report draws its plots from Lightning's CSV metrics, beside any other logger
             csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}}
-            overrides = _merge(overrides, {"trainer": {"logger": csv}})
+            others = [] if logger in (None, True) else logger if isinstance(logger, list) else [logger]
+            overrides = _merge(overrides, {"trainer": {"logger": [*others, csv] if others else csv}})
         (out / "recipe.yaml").write_text(
             f"# written by lit-align recipe ({self.path}): the recipe's settings over {stage.config.name}\n"
             + yaml.safe_dump(overrides, sort_keys=False)
@@ -194,10 +216,10 @@ class Recipe:
         trainer.fit(module, datamodule=data)
         after = trainer.test(module, datamodule=data, verbose=False)[0]
         logs = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        seconds = time.perf_counter() - start
+        seconds, method = time.perf_counter() - start, type(module).__name__
         del cli, trainer, module, data
         gc.collect()
-        return {"before": before, "after": after, "seconds": seconds, "logs": logs}
+        return {"before": before, "after": after, "seconds": seconds, "logs": logs, "method": method}
 
     # ----- the whole recipe ---------------------------------------------------------------------------------------
     def run(self, only: Sequence[str] | None = None, rerun: Sequence[str] = (), evaluate: bool = True) -> dict:
@@ -213,15 +235,16 @@ class Recipe:
             stage = self.stages[name]
             tag = f"[{index}/{len(selected)}] {name}"
             for upstream in (stage.init, stage.reward_model):
-                if upstream is not None and not (self.export(upstream) / "config.json").is_file():
-                    raise RecipeError(f"stage {name!r} starts from stage {upstream!r}, which has not finished "
-                                      f"(no export in {self.export(upstream)}); run it first")  # fmt: skip
+                if upstream is not None and not self.finished(upstream):
+                    raise RecipeError(f"stage {name!r} reads stage {upstream!r}, which has not finished (or its "
+                                      f"export {self.export(upstream)} changed since); run it first")  # fmt: skip
             fingerprint = self.fingerprint(stage)
-            done = self.record(name)
-            if done and done.get("fingerprint") == fingerprint and name not in rerun and "all" not in rerun:
+            if self.finished(name) and name not in rerun and "all" not in rerun:
                 log(f"{tag}: finished earlier, skipped (export {self.export(name)}; --rerun {name} to redo it)")
                 continue
             log(f"{tag}: starting: {self.command(stage)}")
+            # a run that stops half-way (killed, failed) must not leave the previous record vouching for its export
+            (stage.directory(self.root) / "stage.json").unlink(missing_ok=True)
             try:
                 result = self.run_stage(stage)
             except BaseException as error:
@@ -233,14 +256,18 @@ class Recipe:
                 raise RecipeError(
                     f"stage {name!r} failed ({type(error).__name__}: {error}); see {out / 'error.log'}"
                 ) from error
-            result.update(fingerprint=fingerprint, run_id=uuid.uuid4().hex, export=str(self.export(name)),
-                          config=str(stage.config), command=self.command(stage))  # fmt: skip
+            result.update(fingerprint=fingerprint, export_digest=self.export_digest(name),
+                          export=str(self.export(name)), config=str(stage.config),
+                          command=self.command(stage))  # fmt: skip
             _write_json(stage.directory(self.root) / "stage.json", result)
             shown = "; ".join(f"{k} {_fmt(result['before'].get(k))} -> {_fmt(result['after'].get(k))}"
                               for k in headline(result["after"]))  # fmt: skip
             log(f"{tag}: finished in {result['seconds']:.0f} s: {shown}; export {self.export(name)}; "
                 f"logs {result['logs']}")  # fmt: skip
-        evaluation = self.evaluate() if evaluate else None
+        try:
+            evaluation = self.evaluate() if evaluate else self.last_evaluation()
+        except (ValueError, TypeError, OSError) as error:
+            raise RecipeError(f"the evaluation failed: {type(error).__name__}: {error}") from error
         from lit_align.report import write_report
 
         report = write_report(self, evaluation)
@@ -250,14 +277,15 @@ class Recipe:
 
     # ----- evaluation ---------------------------------------------------------------------------------------------
     def policies(self) -> list[str]:
-        """The stages whose export is a policy (a causal LM), in order."""
-        names = []
-        for name in self.stages:
-            config = self.export(name) / "config.json"
-            if config.is_file() and any(a.endswith("ForCausalLM") for a in json.loads(config.read_text()).get(
-                    "architectures") or []):  # fmt: skip
-                names.append(name)
-        return names
+        """The finished stages whose export is a policy (every method's but the reward model's), in order."""
+        return [n for n in self.stages if self.finished(n) and (self.record(n) or {}).get("method") != "RewardModule"]
+
+    def last_evaluation(self) -> dict[str, Any] | None:
+        """The last evaluation written (``evaluation.json``), for a report made without evaluating."""
+        try:
+            return json.loads((self.root / "evaluation.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def evaluate(self) -> dict[str, Any] | None:
         """Every finished policy (and the model the first stage started from), evaluated on the same held-out
@@ -274,12 +302,10 @@ class Recipe:
         if not spec or not policies:
             return None
         baseline = spec.get("baseline") if spec.get("baseline") in policies else policies[0]
+        if spec.get("baseline") not in (None, baseline):
+            log(f"evaluation: the baseline {spec.get('baseline')!r} has not finished; comparing with {baseline!r}")
         rm_stage = spec.get("reward_model")
-        key = {
-            "spec": spec,
-            "runs": {n: (self.record(n) or {}).get("run_id") for n in self.stages},
-            "model": self.model,
-        }
+        key = {"spec": spec, "exports": {n: self.export_digest(n) for n in self.stages}, "model": self.model}
         cache = self.root / "evaluation.json"
         try:
             cached = json.loads(cache.read_text())
@@ -296,12 +322,13 @@ class Recipe:
         verifiable = None
         if spec.get("verifiable"):
             verifiable = EvalPrompts.from_datamodule(PromptDataModule(tokenizer, **spec["verifiable"]), limit)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         scorer = None
-        if rm_stage is not None and (self.export(rm_stage) / "config.json").is_file():
-            scorer = RewardScorer.from_pretrained(self.export(rm_stage))
+        if rm_stage is not None and self.finished(rm_stage):
+            scorer = RewardScorer.from_pretrained(self.export(rm_stage)).to(device)
         options = dict(max_new_tokens=int(spec.get("max_new_tokens", 48)), seed=int(spec.get("seed", 0)),
                        batch_size=int(spec.get("batch_size", 16)))  # fmt: skip
-        base_model = load_causal_lm(str(self.export(baseline)))
+        base_model = load_causal_lm(str(self.export(baseline))).to(device)
         log(f"evaluation: {len(policies) + 1} policies on {len(prompts.texts)} held-out prompts"
             + (f" and {len(verifiable.texts)} questions with answers" if verifiable else ""))  # fmt: skip
         torch.manual_seed(0)
@@ -311,7 +338,7 @@ class Recipe:
         for name, where in candidates:
             if where is None:
                 continue
-            policy = base_model if name == baseline else load_causal_lm(where)
+            policy = base_model if name == baseline else load_causal_lm(where).to(device)
             numbers, _ = evaluate_policy(policy, tokenizer, prompts, baseline=base_model,
                                          baseline_samples=baseline_samples, reward_model=scorer,
                                          verifiable=verifiable, **options)  # fmt: skip
@@ -324,10 +351,21 @@ class Recipe:
             del policy
             gc.collect()
         payload = {"key": key, "baseline": baseline, "reward_model": rm_stage, "prompts": prompts.texts,
+                   "questions": verifiable.texts if verifiable else [],
                    "policies": results, "seconds": time.perf_counter() - start}  # fmt: skip
         _write_json(cache, json.loads(json.dumps(payload, default=str)))
         log(f"evaluation: done in {payload['seconds']:.0f} s")
         return payload
+
+
+def _dotted(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every key path of a nested mapping, dotted (``model.init_args.lr``)."""
+    keys = []
+    for key, value in tree.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            keys += _dotted(value, f"{prefix}{key}.")
+    return keys
 
 
 def _start_model(recipe: Recipe) -> str | None:
@@ -368,7 +406,10 @@ def print_summary(recipe: Recipe, evaluation: Mapping[str, Any] | None) -> None:
         columns = ("reward", "kl", "win_rate", "accuracy", "response_length")
         rows = [("policy", *columns)]
         for name, numbers in evaluation["policies"].items():
-            rows.append((name, *(_fmt(numbers.get(c)) for c in columns)))
+            cells = [_fmt(numbers.get(c)) for c in columns]
+            if numbers.get("win_rate_se") is not None:
+                cells[2] += f" +- {numbers['win_rate_se']:.2f}"
+            rows.append((name, *cells))
         print(f"held-out evaluation ({len(evaluation['prompts'])} prompts; reward model: {evaluation['reward_model']}; "
               f"KL and win rate against {evaluation['baseline']}):")  # fmt: skip
         print(_table(rows))

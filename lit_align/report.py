@@ -107,10 +107,14 @@ def plot_evaluation(evaluation: Mapping[str, Any], path: Path) -> Path | None:
     names = list(policies)
     for ax, column in zip(axes[0], columns):
         values = [policies[n].get(column, float("nan")) for n in names]
-        bars = ax.bar(names, values, color="tab:blue")
+        errors = [policies[n].get("win_rate_se", 0.0) for n in names] if column == "win_rate" else None
+        bars = ax.bar(names, values, yerr=errors, capsize=3, color="tab:blue")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        if column == "kl" and max(values) > 10 * max(sorted(values)[len(values) // 2], 1e-3):
+            ax.set_yscale("symlog", linthresh=1.0)  # one far policy (the untrained start) must not flatten the rest
         ax.set_title({"reward": "mean reward (reward model)", "win_rate": f"win rate vs {evaluation['baseline']}",
-                      "kl": f"KL to {evaluation['baseline']} (nats)", "accuracy": "answer accuracy"}[column],
+                      "kl": f"KL to {evaluation['baseline']} (nats)",
+                      "accuracy": f"answer accuracy ({len(evaluation.get('questions') or [])} questions)"}[column],
                      fontsize=10)  # fmt: skip
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -127,7 +131,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def _md_table(rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -140,7 +144,7 @@ def write_report(recipe: Any, evaluation: Mapping[str, Any] | None, num_samples:
     """Write ``<root>/report/report.md`` and its plots; returns the path of ``report.md``."""
     out = recipe.root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# lit_align recipe report: {recipe.path}", ""]
+    lines = [f"# lit_align recipe report: {recipe.path.resolve()}", ""]
     rows = [("stage", "held-out metric", "before", "after", "time (s)", "export")]
     details: list[str] = []
     for name in recipe.stages:
@@ -148,30 +152,37 @@ def write_report(recipe: Any, evaluation: Mapping[str, Any] | None, num_samples:
         if not done:
             rows.append((name, "not run", None, None, None, None))
             continue
-        for key in sorted(done["after"]):
-            rows.append((name, key, done["before"].get(key), done["after"].get(key), done["seconds"], done["export"]))
+        for i, key in enumerate(sorted(done["after"])):
+            first = i == 0
+            rows.append((name if first else "", key, done["before"].get(key), done["after"].get(key),
+                         done["seconds"] if first else None, done["export"] if first else ""))  # fmt: skip
         figure = plot_stage(name, read_metrics(done.get("logs")), out / f"{name}.png")
         details += [f"### {name}", "", f"`{done['command']}`", ""]
         details += [f"![{name}]({figure.name})", ""] if figure else ["(no CSV metrics were logged)", ""]
     lines += ["## Stages: held-out metrics before and after training", "", *_md_table(rows), ""]
-    lines += ["Before: the stage's starting model; after: the trained model; both on the stage's held-out split "
-              "(`lit-align test`).", ""]  # fmt: skip
+    lines += ["Before: the stage's starting model; after: the trained model; both on the stage's held-out split, "
+              "computed as `lit-align test` computes them, with the stage's own settings (PPO and GRPO sample with "
+              "their own `max_new_tokens` and temperature, so their rewards are not the evaluation's below). An "
+              "accuracy of implicit rewards (DPO) counts a tie as a miss: all are ties at the start.", ""]  # fmt: skip
     if evaluation:
         policies = evaluation["policies"]
-        columns = ("reward", "kl", "win_rate", "accuracy", "response_length")
+        columns = ("reward", "kl", "win_rate", "win_rate_se", "accuracy", "response_length")
         lines += ["## Every policy on the same held-out prompts", ""]
         lines += [f"{len(evaluation['prompts'])} held-out prompts, one sample each at temperature 1. `reward`: mean "
                   f"score under the `{evaluation['reward_model']}` reward model; `kl`: KL to the "
                   f"`{evaluation['baseline']}` policy in nats per sequence; `win_rate`: share of prompts where the "
-                  f"reward model prefers the policy's sample to `{evaluation['baseline']}`'s (ties half); "
-                  "`accuracy`: greedy answers whose final number matches the reference; `response_length` in tokens.",
-                  ""]  # fmt: skip
+                  f"reward model prefers the policy's sample to `{evaluation['baseline']}`'s (ties half; "
+                  "`win_rate_se` its standard error over prompts); the samples are paired: prompt i's sample is drawn "
+                  "from the same seed for every policy, so policies that differ little often give the same text (a "
+                  f"tie). `accuracy`: greedy answers to {len(evaluation.get('questions') or [])} held-out questions "
+                  "whose final number matches the reference; `response_length` in tokens. `start` is the model "
+                  "the first stage started from.", ""]  # fmt: skip
         lines += _md_table([("policy", *columns)] + [(n, *(p.get(c) for c in columns)) for n, p in policies.items()])
         figure = plot_evaluation(evaluation, out / "evaluation.png")
         lines += ["", f"![evaluation]({figure.name})" if figure else "", ""]
         lines += ["## Sample generations", ""]
         for i, prompt in enumerate(evaluation["prompts"][:num_samples]):
-            shown = prompt if len(prompt) <= 300 else "..." + prompt[-300:]  # the end: what the policy continues
+            shown = prompt if len(prompt) <= 400 else "..." + prompt[-400:]  # the end: what the policy continues
             lines += [f"**Prompt {i + 1}:** {_cell(shown)}", ""]
             table = [("policy", "completion", "reward")]
             table += [(n, p["samples"][i][:300], p["rewards"][i] if p.get("rewards") else None)

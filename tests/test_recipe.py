@@ -20,7 +20,7 @@ SMALL = {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batch
                      "enable_checkpointing": False}}  # fmt: skip
 
 
-def small_recipe(tmp_path: Path, stages: tuple[str, ...] = ("sft", "reward", "ppo", "dpo")) -> Path:
+def small_recipe(tmp_path: Path, stages: tuple[str, ...] = ("sft", "reward", "ppo", "dpo", "grpo")) -> Path:
     """configs/recipe.yaml's stages at a test size, written beside the repo's configs (paths absolute)."""
     full = yaml.safe_load((CONFIGS / "recipe.yaml").read_text())
     spec = {"root": str(tmp_path / "runs"), "model": "tiny", "stages": {}, "evaluation": full["evaluation"]}
@@ -32,6 +32,8 @@ def small_recipe(tmp_path: Path, stages: tuple[str, ...] = ("sft", "reward", "pp
             overrides.setdefault(key, {}).update(value)
         if name in ("ppo", "grpo"):
             overrides.setdefault("model", {}).setdefault("init_args", {}).update(max_new_tokens=8)
+        if name == "grpo":
+            overrides["model"]["init_args"].update(group_size=2)
         entry["overrides"] = overrides
         spec["stages"][name] = entry
     spec["evaluation"].update(num_prompts=4, max_new_tokens=8)
@@ -44,9 +46,11 @@ def small_recipe(tmp_path: Path, stages: tuple[str, ...] = ("sft", "reward", "pp
 
 @pytest.mark.slow
 def test_recipe_runs_every_stage_writes_the_report_and_skips_finished_stages(tmp_path, capsys):
-    """SFT -> reward -> PPO (with that reward model) and DPO: every export loads, each stage recorded its held-out
-    metrics before and after, the evaluation covers every policy, report.md and its PNGs exist and load, and a second
-    run redoes nothing; ``--rerun sft`` redoes SFT and the stages that start from it."""
+    """configs/recipe.yaml's stages (SFT -> reward -> PPO and GRPO with that reward model, DPO) at a small size:
+    every export loads, each stage recorded its held-out metrics before and after (also printed), the evaluation
+    covers every policy, report.md and its PNGs exist and load, and a second run redoes nothing; ``--rerun sft``
+    redoes SFT (to the same weights: the stages reading them stay done); a changed SFT stage re-runs and makes the
+    stages reading its export out of date; ``--stages dpo`` then runs DPO alone."""
     import matplotlib.image
     from transformers import AutoModelForCausalLM
 
@@ -56,25 +60,29 @@ def test_recipe_runs_every_stage_writes_the_report_and_skips_finished_stages(tmp
     assert main(["-c", str(path)]) == 0
     out = capsys.readouterr().out
     root = tmp_path / "runs"
-    for name in ("sft", "ppo", "dpo"):
+    policies = ("sft", "ppo", "dpo", "grpo")
+    for name in policies:
         AutoModelForCausalLM.from_pretrained(root / name / "export")
     RewardScorer.from_pretrained(root / "reward" / "export")
-    records = {n: json.loads((root / n / "stage.json").read_text()) for n in ("sft", "reward", "ppo", "dpo")}
+    records = {n: json.loads((root / n / "stage.json").read_text()) for n in ("sft", "reward", *policies[1:])}
     assert records["sft"]["before"]["test/loss"] > records["sft"]["after"]["test/loss"]  # SFT lowers held-out loss
     assert records["ppo"]["before"]["test/kl"] == 0.0  # the policy starts as its reference
     assert records["dpo"]["before"]["test/loss"] == pytest.approx(0.6931, abs=1e-3)  # ln 2 at step 0
     # the PPO stage read the reward stage's export, the DPO stage started from SFT's
     assert str(root / "reward" / "export") in (root / "ppo" / "recipe.yaml").read_text()
     assert str(root / "sft" / "export") in (root / "dpo" / "recipe.yaml").read_text()
-    for name in ("sft", "reward", "ppo", "dpo"):
+    assert str(root / "reward" / "export") in (root / "grpo" / "recipe.yaml").read_text()
+    sft_loss = records["sft"]["before"]["test/loss"], records["sft"]["after"]["test/loss"]
+    assert f"test/loss {sft_loss[0]:.4g} -> {sft_loss[1]:.4g}" in out  # the before -> after line in the terminal
+    for name in records:
         assert f"] {name}: finished in" in out
     evaluation = json.loads((root / "evaluation.json").read_text())
-    assert list(evaluation["policies"]) == ["start", "sft", "ppo", "dpo"]
+    assert list(evaluation["policies"]) == ["start", *policies]
     sft = evaluation["policies"]["sft"]
     assert sft["kl"] == pytest.approx(0.0, abs=1e-5) and sft["win_rate"] == 0.5  # the baseline against itself
     assert all(len(p["samples"]) == 4 and "accuracy" in p for p in evaluation["policies"].values())
     report = (root / "report" / "report.md").read_text()
-    for name in ("sft", "reward", "ppo", "dpo", "evaluation"):
+    for name in (*records, "evaluation"):
         png = root / "report" / f"{name}.png"
         assert matplotlib.image.imread(png).shape[0] > 100
         assert f"({name}.png)" in report
@@ -84,14 +92,24 @@ def test_recipe_runs_every_stage_writes_the_report_and_skips_finished_stages(tmp
     mtime = (root / "sft" / "export" / "model.safetensors").stat().st_mtime_ns
     assert main(["-c", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("finished earlier, skipped") == 4 and "evaluation: unchanged" in out
+    assert out.count("finished earlier, skipped") == 5 and "evaluation: unchanged" in out
     assert (root / "sft" / "export" / "model.safetensors").stat().st_mtime_ns == mtime
 
     assert main(["-c", str(path), "--rerun", "sft", "--stages", "sft", "--no_eval"]) == 0
     assert "] sft: finished in" in capsys.readouterr().out
+    recipe = Recipe(path)  # seeded: the same SFT weights again, so what reads them is still up to date
+    assert all(recipe.finished(n) for n in recipe.stages)
+
+    spec = yaml.safe_load(path.read_text())  # a changed SFT stage: re-run, and what reads its export is out of date
+    spec["stages"]["sft"]["overrides"]["trainer"]["limit_train_batches"] = 3
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["-c", str(path), "--stages", "sft", "--no_eval"]) == 0
+    assert "] sft: finished in" in capsys.readouterr().out
     assert (root / "sft" / "export" / "model.safetensors").stat().st_mtime_ns != mtime
-    recipe = Recipe(path)  # the stages that start from the new SFT export are no longer up to date
-    assert all(recipe.fingerprint(recipe.stages[n]) != records[n]["fingerprint"] for n in ("reward", "ppo", "dpo"))
+    recipe = Recipe(path)
+    assert [n for n in recipe.stages if not recipe.finished(n)] == ["reward", "ppo", "dpo", "grpo"]
+    assert main(["-c", str(path), "--stages", "dpo", "--no_eval"]) == 0  # dpo alone: its upstream is done
+    assert "] dpo: finished in" in capsys.readouterr().out
 
 
 def test_failed_stage_names_itself_and_its_logs(tmp_path, capsys):
@@ -118,6 +136,11 @@ SFT = {"config": str(CONFIGS / "sft.yaml")}
         ({"stages": {"sft": {"config": "no_such.yaml"}}}, "stages.sft.config"),
         ({"stages": {"sft": {**SFT, "overide": {}}}}, "unknown key stages.sft.overide"),
         ({"stages": {"sft": SFT}, "evaluation": {"reward_model": "rm"}}, "evaluation.reward_model"),
+        ({"stages": {"report": SFT}}, "stage name 'report'"),
+        (
+            {"stages": {"sft": {**SFT, "overrides": {"model": {"init_args": {"export_dir": "x"}}}}}},
+            "sets model.init_args.export_dir, which the recipe sets",
+        ),
     ],
 )
 def test_recipe_file_errors_name_the_file_and_key(tmp_path, change, message):
@@ -138,7 +161,9 @@ def test_shipped_recipe_parses_and_wires_exports():
 
 
 def test_win_rate_counts_ties_half():
-    assert win_rate(torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 3.0, 1.0])) == pytest.approx(0.625)
+    """Outcomes 1, 0.5, 0, 1: mean 0.625, standard error std([1, .5, 0, 1]) / 2 = 0.4787 / 2."""
+    rate, se = win_rate(torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 3.0, 1.0]))
+    assert rate == pytest.approx(0.625) and se == pytest.approx(0.478714 / 2, abs=1e-5)
     with pytest.raises(ValueError):
         win_rate(torch.tensor([1.0]), torch.tensor([1.0, 2.0]))
 
@@ -164,15 +189,14 @@ def test_evaluation_samples_keep_the_stop_token_the_policy_chose():
     from lit_align.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm("tiny").eval(), load_tokenizer("tiny")
-    with torch.no_grad():  # make EOS likely so that some samples stop early
-        model.lm_head.weight[tokenizer.eos_token_id] *= 0
-        model.lm_head.bias = None
+    bias = torch.zeros(model.config.vocab_size)
+    bias[tokenizer.eos_token_id] = 6.0  # EOS likely, so that some samples stop early and some do not
+    model.lm_head.bias = torch.nn.Parameter(bias)
     prompts = [[tokenizer.bos_token_id, 40 + i] for i in range(8)]
     kept = generate_ids(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, keep_stop=True)
     cut = generate_ids(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0)
     stops = stop_token_ids(tokenizer)
+    stopped = [k[0][-1] in stops for k in kept if k[0]]
+    assert any(stopped) and not all(stopped), kept
     for k, c in zip(kept, cut):
-        if len(k[0]) <= 6 and k[0] and k[0][-1] in stops:
-            assert k[0] == c[0] + [k[0][-1]]
-        else:
-            assert k[0] == c[0]
+        assert k[0] == (c[0] + [k[0][-1]] if k[0] and k[0][-1] in stops else c[0])

@@ -17,7 +17,7 @@ GRPO policies, trained on different data with different objectives, are measured
 The comparison is paired: every policy draws prompt ``i``'s sample from the same seed (common random numbers), so
 two policies that differ little give the same text where they agree, a tie, and the differences between policies
 are measured with less noise than independent samples would give. Samples are drawn by
-:func:`~lit_align.generate.generate_ids`, keyed: each depends on the seed and its prompt's
+:func:`~lit_align.rollout.sampling.generate_ids`, keyed: each depends on the seed and its prompt's
 index only, so the numbers do not change with the batch size.
 """
 
@@ -125,8 +125,8 @@ def evaluate_policy(
     ``baseline_samples`` the baseline's own evaluation (the second value this function returns for it), for the win
     rate; ``reward_model`` a :class:`~lit_align.RewardScorer`; ``verifiable`` prompts with references. Returns the
     numbers and what a later call needs as ``baseline_samples`` (the samples' ids and rewards)."""
-    from lit_align.generate import generate_ids
     from lit_align.rewards import NumericAnswerReward
+    from lit_align.rollout.sampling import generate_ids
 
     result = PolicyEval()
     stream = (seed, "evaluate")

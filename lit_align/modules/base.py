@@ -429,7 +429,7 @@ class AlignModule(L.LightningModule):
         stopped at EOS or the chat template's end of turn; the prompt is the batch's ``prompt_text`` where it has
         one, else its tokens decoded. For other settings (sampling, several samples) use ``lit-align generate`` on
         the export."""
-        from lit_align.generate import batch_prompt_ids, decode_prompt, generate_ids
+        from lit_align.rollout.sampling import batch_prompt_ids, decode_prompt, generate_ids
 
         prompts = batch_prompt_ids(batch)
         stage = getattr(self, "rollout_stage", None)

@@ -121,7 +121,7 @@ class RewardModule(AlignModule):
         (:class:`~lit_align.data.InstructionDataModule`) one per response, ``{"prompt", "response", "reward"}``. Text
         is decoded from the tokens (the prompt with the special tokens a chat template writes, the responses
         without)."""
-        from lit_align.generate import batch_prompt_ids, decode_prompt
+        from lit_align.rollout.sampling import batch_prompt_ids, decode_prompt
 
         prompt_ids = batch_prompt_ids(batch)
         prompts = [decode_prompt(self.tokenizer, ids) for ids in prompt_ids]

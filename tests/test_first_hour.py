@@ -93,6 +93,20 @@ def test_console_script_answers_version_without_importing_torch():
     assert result.stdout.split("\n")[:2] == [f"lit-align {__version__}", "0 False False"], result.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"), [({}, "2000"), ({"GOMP_SPINCOUNT": "7"}, "7"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")]
+)
+def test_console_script_shortens_openmp_spinning_unless_the_user_set_it(env, expected):
+    """The console script sets GOMP_SPINCOUNT=2000 before torch loads (benchmarks/contention.py: about twice as fast
+    when other work shares the cores), and leaves a user's own OpenMP wait settings alone."""
+    code = ("import os, sys; sys.argv = ['lit-align', '--version']; from lit_align.console import main; main(); "
+            "print(os.environ.get('GOMP_SPINCOUNT'))")  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    environment = {**base, **env}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=environment)
+    assert result.stdout.split("\n")[1] == expected, result.stderr
+
+
 # ----- the README's own-subclass command, from the directory that holds the package -------------------------------
 MY_PKG = "from lit_align import SFTModule\n\n\nclass MySFT(SFTModule):\n    pass\n"
 

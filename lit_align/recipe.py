@@ -293,7 +293,7 @@ class Recipe:
         import torch
 
         from lit_align.data import PromptDataModule
-        from lit_align.evaluate import EvalPrompts, evaluate_policy
+        from lit_align.evaluate import EvalPrompts, evaluate_policy, win_rate
         from lit_align.models import load_causal_lm, load_tokenizer
         from lit_align.modules import RewardScorer
 
@@ -333,23 +333,31 @@ class Recipe:
             + (f" and {len(verifiable.texts)} questions with answers" if verifiable else ""))  # fmt: skip
         torch.manual_seed(0)
         results: dict[str, Any] = {}
-        _, baseline_samples = evaluate_policy(base_model, tokenizer, prompts, reward_model=scorer, **options)
+        # the baseline once: its samples are what the others' win rates compare with; against itself, a tie each
+        base_numbers, baseline_samples = evaluate_policy(base_model, tokenizer, prompts, baseline=base_model,
+                                                         reward_model=scorer, verifiable=verifiable,
+                                                         **options)  # fmt: skip
+        if base_numbers.rewards:
+            base_numbers.win_rate, base_numbers.win_rate_se = win_rate(*[torch.tensor(base_numbers.rewards)] * 2)
         candidates = [("start", self.model or _start_model(self))] + [(n, str(self.export(n))) for n in policies]
         for name, where in candidates:
             if where is None:
                 continue
-            policy = base_model if name == baseline else load_causal_lm(where).to(device)
-            numbers, _ = evaluate_policy(policy, tokenizer, prompts, baseline=base_model,
-                                         baseline_samples=baseline_samples, reward_model=scorer,
-                                         verifiable=verifiable, **options)  # fmt: skip
+            if name == baseline:
+                numbers = base_numbers
+            else:
+                policy = load_causal_lm(where).to(device)
+                numbers, _ = evaluate_policy(policy, tokenizer, prompts, baseline=base_model,
+                                             baseline_samples=baseline_samples, reward_model=scorer,
+                                             verifiable=verifiable, **options)  # fmt: skip
+                del policy
+                gc.collect()
             results[name] = {
                 "model": where,
                 **numbers.metrics(),
                 "samples": numbers.samples,
                 "rewards": numbers.rewards,
             }
-            del policy
-            gc.collect()
         payload = {"key": key, "baseline": baseline, "reward_model": rm_stage, "prompts": prompts.texts,
                    "questions": verifiable.texts if verifiable else [],
                    "policies": results, "seconds": time.perf_counter() - start}  # fmt: skip

@@ -21,6 +21,8 @@ One forward pass over a padded rectangle of ``rows x T`` tokens (``d`` hidden, `
   1.16's fused log-prob head scores every position but the last of each row on a CPU (it compacts to the labelled
   positions only on Triton devices), and a Hugging Face ``*ForSequenceClassification`` model applies its scalar head
   at every position;
+- a decoding step of generation with ``context`` keys cached: the linear layers at its new positions only, and
+  attention of those positions over ``context`` + new keys;
 - embedding lookups, norms, rotary embeddings, softmax and the loss: not counted (no matmul; under 1% at these
   shapes).
 
@@ -102,6 +104,10 @@ class Pass:
         head_positions: positions where the head is computed; ``None`` means every position of the rectangle.
         trained: the pass's parameters get gradients (forward + backward, 3x); ``False``: forward only.
         recompute_head: the head's logits are recomputed in backward (tiled log-prob kernels).
+        context: keys and values already cached for each row (a decoding step of generation: ``length`` new
+            positions attend to ``context + length`` keys).
+        body: ``False`` for the head alone, applied to ``head_positions`` hidden states that a separate pass
+            produced (a log-prob kernel called outside the model's forward; generation's logits): no blocks.
     """
 
     rows: int
@@ -110,11 +116,16 @@ class Pass:
     head_positions: int | None = None
     trained: bool = True
     recompute_head: bool = False
+    context: int = 0
+    body: bool = True
 
     def __post_init__(self) -> None:
-        if self.rows < 0 or self.length < 0:
-            raise ValueError(f"Pass rows and length must be >= 0, got {self.rows} x {self.length}")
-        if self.head_positions is not None and not 0 <= self.head_positions <= self.rows * self.length:
+        if self.rows < 0 or self.length < 0 or self.context < 0:
+            raise ValueError(f"Pass rows, length and context must be >= 0, got {self.rows}, {self.length}, "
+                             f"{self.context}")  # fmt: skip
+        if not self.body and self.head_positions is None:
+            raise ValueError("a head-only Pass (body=False) needs head_positions")
+        if self.body and self.head_positions is not None and not 0 <= self.head_positions <= self.rows * self.length:
             raise ValueError(f"Pass head_positions {self.head_positions} outside 0..{self.rows * self.length}")
 
 
@@ -138,11 +149,11 @@ def head_flops(shape: LlamaShape, positions: int, head: Literal["lm", "score"] |
 
 def forward_flops(shape: LlamaShape, p: Pass) -> dict[str, int]:
     """FLOPs of ``p``'s forward alone, by part: ``{"linear", "attention", "head"}``."""
-    tokens = p.rows * p.length
+    tokens = p.rows * p.length if p.body else 0
     positions = tokens if p.head_positions is None else p.head_positions
     return {
         "linear": linear_flops(shape, tokens),
-        "attention": attention_flops(shape, p.rows, p.length),
+        "attention": attention_flops(shape, p.rows, p.length, p.context + p.length) if p.body else 0,
         "head": head_flops(shape, positions, p.head),
     }
 

@@ -26,7 +26,8 @@ busy with something that is not this benchmark); with ``--strict`` a cell is not
 not reported). ``--max-minutes`` stops starting cells once that much time has passed and lists the cells skipped.
 
 Results: one JSON line per cell appended to ``--out`` (every run's raw figures included) and a markdown table
-written to ``--table``.
+written to ``--table``. ``--report JSONL`` writes the table again from an earlier run's JSON lines, with MFU from each
+run's recorded FLOPs (so a table can be rebuilt, or merged from several runs' lines, without measuring again).
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ def table_row(cell: dict[str, Any]) -> str:
     )
 
 
+def performed_mfu(cell: dict[str, Any], peak: float) -> None:
+    """Set a cell's MFU from the FLOPs each of its runs actually performed, over ``peak`` FLOP/s, where every run
+    recorded them (the others keep their estimate)."""
+    result = cell.get("result")
+    if result and all("flops_per_s" in run for runs in result["runs"].values() for run in runs):
+        result["mfu"] = {impl: [run["flops_per_s"] / peak for run in runs] for impl, runs in result["runs"].items()}
+        result["mfu_kind"] = "performed"
+
+
 TABLE_HEAD = (
     "| shape | batch | length | case | lit_align useful tok/s | TRL useful tok/s | speed ratio | MFU lit_align / TRL "
     "| peak memory lit_align / TRL | load avg before -> after | other cores before / during |\n"
@@ -170,7 +180,11 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=0, help="start no cell after this many minutes (0: none)")
     parser.add_argument("--out", default="matrix.jsonl", help="JSON lines, one per cell, appended")
     parser.add_argument("--table", default="matrix.md", help="markdown table, written at the end")
+    parser.add_argument("--report", metavar="JSONL", help="measure nothing: write --table from these JSON lines")
     args = parser.parse_args()
+    if args.report:
+        report(args)
+        return
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -276,6 +290,7 @@ def main() -> None:
     for cell in cells:  # MFU against the better of the two measurements of the machine's rate
         if "result" in cell:
             cell["result"]["mfu"] = {k: [m * peak_start / peak for m in v] for k, v in cell["result"]["mfu"].items()}
+            performed_mfu(cell, peak)
     minutes = (time.perf_counter() - started) / 60
     lines = [
         f"Command: `python benchmarks/matrix.py {' '.join(sys.argv[1:])}`; {time.strftime('%F')}; trl "
@@ -295,6 +310,29 @@ def main() -> None:
                   + ", ".join(f"{n}/b{b}/L{n_}/{c}" for n, b, n_, c in skipped)]  # fmt: skip
     Path(args.table).write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
+
+
+def report(args: argparse.Namespace) -> None:
+    """``--report``: the table of the cells in a JSON lines file, MFU against the best matmul rate they recorded."""
+    with open(args.report) as f:
+        cells = [json.loads(line) for line in f if line.strip()]
+    peak = max(cell["matmul_flops"] for cell in cells)
+    for cell in cells:
+        performed_mfu(cell, peak)
+    times = sorted(cell["time"] for cell in cells)
+    lines = [
+        f"Cells of `{args.report}` ({len(cells)}, started {times[0]} to {times[-1]}); table: `python "
+        f"benchmarks/matrix.py {' '.join(sys.argv[1:])}`; MFU against the best fp32 matmul rate measured at their "
+        f"start, {peak / 1e9:.1f} GFLOP/s.",
+        "",
+        f"{vs_trl.MFU_HEADER}. Other cores: the cores that work other than this benchmark kept busy, in a 2 s sample "
+        f"before the cell and over the cell; FLAGGED above {args.max_other}.",
+        "",
+        TABLE_HEAD,
+        *(table_row(cell) for cell in cells),
+    ]
+    Path(args.table).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

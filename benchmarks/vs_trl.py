@@ -14,11 +14,13 @@ Tokens/s counts the work as TRL's batches hold it: the real (non-pad) tokens of 
 prompt+rejected, however either side computes them. Peak memory is the peak resident set size during the timed
 steps minus the resident size when training starts (models and data already loaded).
 
-MFU, for the cases in ``COUNTED``, is the FLOPs each side actually performed (``benchmarks/flops.py``: every forward
-pass's real padded shape, recorded by the worker from its batches: lit_align's prompt-shared rows and log-probs only
-at scored positions, TRL's concatenated chosen/rejected rows and its head at every position; backward 2x for trained
-passes) over the timed seconds and the machine's matmul rate; it cannot exceed 100% except by noise. For the other
-cases it stays the old estimate (FLOPs per useful token x N x useful tokens/s), labelled "est.".
+MFU, for the cases in ``COUNTED`` and ``RECORDED``, is the FLOPs each side actually performed
+(``benchmarks/flops.py``: every forward pass's real padded shape, recorded by the worker from its batches (lit_align's
+prompt-shared rows and log-probs only at scored positions, TRL's concatenated chosen/rejected rows and its head at
+every position) or, for the on-policy cases, by hooks on the models as they run (``PassRecorder``: generation's
+prefill and decoding steps with their cached keys, the reference and policy passes); backward 2x for trained passes)
+over the timed seconds and the machine's matmul rate; it cannot exceed 100% except by noise. For KTO it stays the
+old estimate (FLOPs per useful token x N x useful tokens/s), labelled "est.".
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ FLOPS_PER_TOKEN = {"sft": 6, "reward": 6, "dpo": 8, "dpo_precomputed": 6, "dpo_v
                    "grpo": 10, "rloo": 12, "kto": 12}  # fmt: skip
 # KTO: per completion token 6N trained and 2N for the reference, and 2N + 2N for the KL completions of the batch
 ON_POLICY = ("grpo", "rloo")
-# cases whose workers record every forward pass's real shape, so their MFU counts the FLOPs actually performed; the
-# others (sampling, KTO's KL completions) keep the estimate above, labelled as one
+# cases whose workers record every forward pass's real shape from their batches, so their MFU counts the FLOPs
+# actually performed; KTO (its KL completions) keeps the estimate above, labelled as one
 COUNTED = ("sft", "reward", "dpo", "dpo_precomputed", "dpo_vocab32k", "dpo_vocab128k")
+# the on-policy cases: their workers record every forward pass as it runs (PassRecorder), sampling included
+RECORDED = ON_POLICY
 VOCAB_CASES = {"dpo_vocab32k": 32_768, "dpo_vocab128k": 131_072}
 BUNDLED_HH = "bundled:hh_rlhf_harmless_base_test_head300.jsonl.gz"
 
@@ -106,6 +110,77 @@ class StepTimer:
         self.times.append(time.perf_counter() - self._start)
 
 
+class PassRecorder:
+    """Records, per step, the real shape of every forward pass the models under it run, for the FLOPs a step
+    actually performed when its passes cannot be read off a collated batch (sampling; the on-policy cases): each
+    call of a causal LM's decoder (generation's prefill, each decoding step with the keys it has cached, every
+    scoring pass; trained when gradients are on and its weights take them), each call of its unembedding module
+    (generation's logits), each ``lit_align`` ``linear_log_probs`` call (its tiled log-prob head, recomputed in
+    backward when trained) and each TRL ``fused_lm_head`` forward (its head at every position but each row's last
+    on a CPU, recomputed in backward; see ``trl_passes``)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[Pass]] = []
+        self.current: list[Pass] | None = None
+
+    def add(self, p: Pass) -> None:
+        if self.current is not None:
+            self.current.append(p)
+
+    def begin(self) -> None:
+        self.current = []
+
+    def end(self) -> None:
+        self.steps.append(self.current or [])
+        self.current = None
+
+    @staticmethod
+    def trained(module: Any) -> bool:
+        import torch
+
+        return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+    def attach(self, root: Any) -> None:
+        """Hooks on every causal LM under ``root`` (a policy, a reference copy, a Lightning module)."""
+        for model in [m for m in root.modules() if hasattr(m, "get_decoder") and hasattr(m, "lm_head")]:
+            model.get_decoder().register_forward_pre_hook(self._decoder, with_kwargs=True)
+            model.get_output_embeddings().register_forward_hook(self._head)
+            model.register_forward_pre_hook(self._fused_head, with_kwargs=True)
+
+    def _decoder(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed ``cache`` in transformers 5
+        context = int(cache.get_seq_length()) if cache is not None else 0
+        self.add(Pass(ids.shape[0], ids.shape[1], None, trained=self.trained(module), context=context))
+
+    def _head(self, module: Any, args: tuple, output: Any) -> None:
+        positions = output.shape[:-1].numel()
+        self.add(Pass(0, 0, "lm", positions, trained=self.trained(module), body=False))
+
+    def _fused_head(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("fused_lm_head"):
+            rows, length = kwargs["input_ids"].shape
+            trained = self.trained(module)
+            self.add(Pass(0, 0, "lm", rows * max(length - 1, 0), trained=trained, recompute_head=trained, body=False))
+
+    def wrap_log_probs(self) -> None:
+        """Counts lit_align's tiled log-prob head (it uses the unembedding's weight, not its module)."""
+        import torch
+
+        import lit_align.forward
+
+        function = lit_align.forward.linear_log_probs
+
+        def counted(hidden: Any, weight: Any, *args: Any, **kwargs: Any) -> Any:
+            trained = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+            self.add(Pass(0, 0, "lm", hidden.shape[0], trained=trained, recompute_head=trained, body=False))
+            return function(hidden, weight, *args, **kwargs)
+
+        lit_align.forward.linear_log_probs = counted
+
+
 def summarize(
     times: list[float],
     tokens: list[int],
@@ -140,7 +215,8 @@ def model_dir(case: str, workdir: Path) -> Path:
     return workdir / (f"model-{VOCAB_CASES[case]}" if case in VOCAB_CASES else "model")
 
 
-def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_lit_align(case: str, workdir: Path, args: argparse.Namespace, callbacks: list[Any] = ()) -> dict[str, Any]:
+    """lit_align's run of ``case``: its figures (``summarize``); ``callbacks``: more Lightning callbacks."""
     import lightning as L
 
     from lit_align import (
@@ -157,7 +233,7 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
     from lit_align.rewards import CharacterFractionReward
     from lit_align.rollout import HFGenerator
 
-    timer, tokens, memory, passes = StepTimer(), [], None, []
+    timer, tokens, memory, passes, recorder = StepTimer(), [], None, [], PassRecorder()
     path = str(model_dir(case, workdir))
     if case == "sft":
         module = SFTModule(model=path, lr=1e-6)
@@ -218,14 +294,19 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
     class Measure(L.Callback):
         def on_train_start(self, trainer, pl_module):
             nonlocal memory
+            if case in RECORDED:
+                recorder.attach(pl_module)
+                recorder.wrap_log_probs()
             memory = PeakRSS()
             memory.start()
 
         def on_train_batch_start(self, *_):
+            recorder.begin()
             timer.begin()
 
         def on_train_batch_end(self, *_):
             timer.end()
+            recorder.end()
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -237,11 +318,12 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace) -> dict[st
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[Measure()],
+        callbacks=[Measure(), *callbacks],
     )
     trainer.fit(module, data)
     shape = LlamaShape.from_config(json.loads((Path(path) / "config.json").read_text()))
-    return summarize(timer.times, tokens, args.warmup, memory.stop(), passes if case in COUNTED else None, shape)
+    recorded = passes if case in COUNTED else recorder.steps if case in RECORDED else None
+    return summarize(timer.times, tokens, args.warmup, memory.stop(), recorded, shape)
 
 
 def lit_align_passes(case: str, batch: dict[str, Any]) -> list[Pass]:
@@ -265,7 +347,7 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    timer, tokens, memory, passes = StepTimer(), [], None, []
+    timer, tokens, memory, passes, recorder = StepTimer(), [], None, [], PassRecorder()
     path = model_dir(case, workdir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     common = dict(
@@ -292,10 +374,12 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
             memory.start()
 
         def on_step_begin(self, *_, **__):
+            recorder.begin()
             timer.begin()
 
         def on_step_end(self, *_, **__):
             timer.end()
+            recorder.end()
 
     if case == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -345,8 +429,12 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
             return collate(examples)
 
         trainer.data_collator = counting_rows
+        for model in (trainer.model, getattr(trainer, "ref_model", None)):
+            if model is not None:
+                recorder.attach(model)
         trainer.train()
-        return summarize(timer.times, tokens, args.warmup, memory.stop())
+        shape = LlamaShape.from_config(json.loads((path / "config.json").read_text()))
+        return summarize(timer.times, tokens, args.warmup, memory.stop(), recorder.steps, shape)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -506,8 +594,9 @@ MFU_HEADER = (
     "useful tok/s = real tokens as TRL's batches hold them (prompt once per response), however either side computes "
     "them; MFU = FLOPs that side actually performed (its real padded batch shapes, attention over the padded "
     "rectangle, unembedding only where computed, backward 2x for trained passes) / time / the measured matmul rate; "
-    "'est.' (on-policy cases, KTO) = the old estimate, FLOPs-per-token x N x useful tok/s / matmul rate, which "
-    "charges lit_align for work it shares or skips and can exceed 100%"
+    "for the on-policy cases every pass is recorded as it runs, sampling's prefill and decoding steps included; "
+    "'est.' (KTO) = the old estimate, FLOPs-per-token x N x useful tok/s / matmul rate, which charges lit_align "
+    "for work it shares or skips and can exceed 100%"
 )
 
 
@@ -533,7 +622,7 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace, peak: float) ->
         "peak_rss_mb": {impl: statistics.median(r["peak_rss_mb"] for r in results[impl]) for impl in results},
         "threads": sorted({r["threads"] for impl in results for r in results[impl]}),
     }
-    if case in COUNTED:  # FLOPs actually performed, per run
+    if case in COUNTED or case in RECORDED:  # FLOPs actually performed, per run
         out["mfu"] = {impl: [r["flops_per_s"] / peak for r in results[impl]] for impl in results}
         out["mfu_kind"] = "performed"
     else:

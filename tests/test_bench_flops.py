@@ -110,3 +110,37 @@ def test_lit_align_packed_dpo_forward_matches_its_recorded_passes():
         with torch.no_grad():
             response_logps(reference, batch)
     assert counter.get_total_flops() == step_flops(shape, recorded)
+
+
+def test_recorded_generation_and_scoring_passes_match_torch_flop_counter(monkeypatch):
+    """vs_trl.py's PassRecorder (the on-policy cases' MFU) on a Hugging Face Llama: greedy ``generate`` on a
+    left-padded batch (a prefill, then decoding steps over the growing key/value cache, logits at the last position
+    only), then a trained pass through lit_align's tiled log-prob head over the result. The FLOPs of the passes it
+    recorded equal FlopCounterMode's count of the same work, and the decoding steps see their cache grow."""
+    import lit_align.forward
+
+    vs_trl = pytest.importorskip("vs_trl")
+    monkeypatch.setattr(lit_align.forward, "linear_log_probs", lit_align.forward.linear_log_probs)  # restored after
+    shape = LlamaShape(hidden=16, intermediate=24, layers=2, heads=4, kv_heads=2, vocab=50, tied=False)
+    model = _llama(shape)
+    recorder = vs_trl.PassRecorder()
+    recorder.attach(model)
+    recorder.wrap_log_probs()
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    recorder.begin()
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False, pad_token_id=0)  # fmt: skip
+        hidden = model.model(input_ids=out).last_hidden_state[:, :-1].reshape(-1, shape.hidden)
+        lit_align.forward.linear_log_probs(hidden, model.lm_head.weight, out[:, 1:].reshape(-1), None).sum().backward()
+    recorder.end()
+    (passes,) = recorder.steps
+    decoder = [p for p in passes if p.body]
+    assert [(p.rows, p.length, p.context, p.trained) for p in decoder] == [
+        (3, 6, 0, False), (3, 1, 6, False), (3, 1, 7, False), (3, 1, 8, False), (3, 10, 0, True)
+    ]  # fmt: skip
+    assert counter.get_total_flops() == step_flops(shape, passes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -12,8 +13,27 @@ INSTRUCTGPT_BETAS = (0.9, 0.95)
 
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW with InstructGPT's betas (0.9, 0.95) and no weight decay; the module sets the learning rate."""
-    return torch.optim.AdamW(params, betas=INSTRUCTGPT_BETAS, weight_decay=0.0)
+    """AdamW with InstructGPT's betas (0.9, 0.95) and no weight decay; the module sets the learning rate.
+
+    The fused kernel (one pass over each parameter for the whole update; Hugging Face's default since torch 2.8)
+    where every parameter allows it (a floating-point tensor on a device with the kernel: CPU, CUDA, ...), else
+    torch's own choice. On a CPU it is the difference between 0.33 s and 0.05 s a step at 135M parameters
+    (``benchmarks/adamw.py``); the update is the same up to rounding."""
+    params = list(params)
+    return torch.optim.AdamW(params, betas=INSTRUCTGPT_BETAS, weight_decay=0.0, fused=fused_supported(params) or None)
+
+
+def fused_supported(params: Iterable[Any]) -> bool:
+    """Whether torch's fused optimizer kernels take every tensor of ``params`` (tensors or param-group dicts):
+    floating point, on a device type that has them. ``False`` if this torch does not say."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a private helper: a torch without it gets torch's own choice
+        return False
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    return all(p.is_floating_point() and p.device.type in devices for p in tensors)
 
 
 class WarmupCosineLR(LRScheduler):

@@ -17,6 +17,23 @@ def test_default_optimizer_is_adamw_with_instructgpt_betas():
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
 
 
+def test_default_optimizer_uses_the_fused_kernel_where_every_parameter_allows_it():
+    """CPU fp32 parameters get the fused AdamW kernel (Hugging Face's and so TRL's default), and three steps of it
+    equal torch's per-parameter loop to rounding; a parameter the kernel does not take (an integer tensor) falls back
+    to torch's own choice instead of failing."""
+    fused, loop = (torch.nn.Parameter(torch.arange(4.0)) for _ in range(2))
+    optimizer = default_optimizer([fused])
+    assert optimizer.defaults["fused"] is True
+    reference = torch.optim.AdamW([loop], betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    for opt, param in ((optimizer, fused), (reference, loop)):
+        for step in range(3):
+            param.grad = torch.full_like(param, step + 1.0) * torch.tensor([1.0, -1.0, 0.5, 2.0])
+            opt.step()
+    torch.testing.assert_close(fused, loop)
+    integer = torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+    assert not default_optimizer([integer]).defaults["fused"]
+
+
 def test_warmup_cosine_by_hand():
     """10 steps, 2 warm-up: factors 1/3, 2/3, then cosine from 1 down to 0.1 over the remaining 8 steps."""
     schedule = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2, 10, 0.1)

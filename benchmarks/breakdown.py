@@ -4,8 +4,9 @@ batch 8, length 1,024, the settings of ``matrix.py``'s headline cell).
     python benchmarks/breakdown.py                                    # sft, reward, dpo, grpo at the 135M shape
     python benchmarks/breakdown.py --shape tiny --batch 4 --length 256 --cases sft,dpo   # seconds
 
-Each case runs ``vs_trl.py``'s lit_align worker (the same model directory, rows, batch and threads) for
-``--warmup`` steps, then one step under ``torch.profiler`` (CPU). Two views of that step:
+Each case runs, in a fresh process, ``vs_trl.py``'s lit_align worker (the same model directory, rows, batch and
+threads) for ``--warmup`` steps, then one step under ``torch.profiler`` (CPU); its peak memory is the worker's (peak
+RSS from the start of training minus the RSS then, warm-up included). Two views of the profiled step:
 
 * **phases**, from Lightning's hooks: data (the loader's fetch and collation, before ``on_train_batch_start``),
   forward (up to each ``on_before_backward``: the model's forward, the loss, for GRPO the rollout), backward (to
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -164,7 +167,7 @@ def profile_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str
         phases["rest"] += marks[-1][1] - marks[-2][1]
     work, top_other = work_split(profiler.events(), wall)
     result.update(case=case, wall=wall, phases=phases, work=work, top_other_operators=top_other,
-                  useful_tokens=figures["tokens_per_step"])  # fmt: skip
+                  useful_tokens=figures["tokens_per_step"], peak_rss_mb=figures["peak_rss_mb"])  # fmt: skip
     return result
 
 
@@ -173,10 +176,10 @@ def table(results: list[dict[str, Any]]) -> str:
         return f"{seconds:.{1 if wall >= 10 else 2}f} s ({seconds / wall:.0%})"
 
     lines = [
-        "| case | step | data | forward | backward | clip + optimizer + logging |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| case | step | peak memory | data | forward | backward | clip + optimizer + logging |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {vs_trl.CASES[r['case']]} | {r['wall']:.1f} s | "
+            f"| {vs_trl.CASES[r['case']]} | {r['wall']:.1f} s | {r['peak_rss_mb']:,.0f} MB | "
             + " | ".join(share(r["phases"][k], r["wall"]) for k in ("data", "forward", "backward", "rest"))
             + " |"
             for r in results
@@ -204,36 +207,41 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m", help=f"among {', '.join(matrix.SHAPES)}")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument(
-        "--cases",
-        default="sft,reward,dpo,grpo",
-        help="among sft, reward, dpo, dpo_precomputed, grpo",
-    )
+    parser.add_argument("--cases", default="sft,reward,dpo,grpo", help="among sft, reward, dpo, dpo_precomputed, grpo")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="", help="also write the JSON figures here")
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)  # a worker: one case, prepared rows, JSON out
     args = parser.parse_args()
     if args.shape not in matrix.SHAPES:
         parser.error(f"--shape: unknown shape {args.shape!r}; known: {', '.join(matrix.SHAPES)}")
     args.warmup = max(args.warmup, 1)  # the profiler starts at the end of a warm-up step
+    args.repeats, args.steps, args.group_size, args.completion_length = 1, 1, 8, 32
 
     import torch
 
     torch.set_num_threads(args.threads)
-    args.repeats, args.steps, args.group_size, args.completion_length = 1, 1, 8, 32
+    if args.workdir:
+        run_args = matrix.cell_args(args.shape, args.batch, args.length, args.cases, args)
+        run_args.batch = args.batch
+        print(json.dumps(profile_case(args.cases, Path(args.workdir), run_args)))
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        cell = matrix.cell_args(args.shape, args.batch, args.length, args.cases, args)
-        vs_trl.prepare(workdir, cell)
-        for case in args.cases.split(","):
-            run_args = matrix.cell_args(args.shape, args.batch, args.length, case, args)
-            run_args.batch = args.batch
-            results.append(profile_case(case, workdir, run_args))
+        vs_trl.prepare(Path(tmp), matrix.cell_args(args.shape, args.batch, args.length, args.cases, args))
+        for case in args.cases.split(","):  # each in a fresh process: its memory and allocator its own
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--cases", case, "--workdir", tmp],
+                capture_output=True, text=True, env=env, check=False,
+            )  # fmt: skip
+            if out.returncode != 0:
+                raise SystemExit(f"breakdown of {case} failed:\n{out.stderr[-3000:]}")
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     print(f"\n`python benchmarks/breakdown.py {' '.join(sys.argv[1:])}` ({args.shape}, batch {args.batch}, "
           f"length {args.length}, {torch.get_num_threads()} threads, fp32, one profiled step after {args.warmup} "
-          "warm-up)\n")  # fmt: skip
+          "warm-up, each case in a fresh process)\n")  # fmt: skip
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -11,8 +11,10 @@ prompt + response fits ``--max-length`` on both sides, so neither truncates), wi
 warm-up steps are discarded.
 
 Tokens/s counts the work as TRL's batches hold it: the real (non-pad) tokens of prompt+chosen plus
-prompt+rejected, however either side computes them. Peak memory is the peak resident set size during the timed
-steps minus the resident size when training starts (models and data already loaded).
+prompt+rejected, however either side computes them. Peak memory is the peak resident set size from the start of
+training (warm-up steps included, so the optimizer's state is in it) minus the resident size when training starts
+(models and data already loaded); it depends on the longest batches a side met, so each run also reports the padded
+shape of every step's first pass (``batch_shapes``, warm-up first).
 
 MFU, for the cases in ``COUNTED`` and ``RECORDED``, is the FLOPs each side actually performed
 (``benchmarks/flops.py``: every forward pass's real padded shape, recorded by the worker from its batches (lit_align's
@@ -207,6 +209,7 @@ def summarize(
             raise RuntimeError(f"recorded the batch shapes of {len(passes)} steps but timed {len(times)}")
         done = [step_flops(shape, step) for step in passes[warmup : len(times)]]
         out.update(flops_per_s=sum(done) / sum(timed), flops_per_step=sum(done) / len(timed))
+        out["batch_shapes"] = [[step[0].rows, step[0].length] if step else [] for step in passes[: len(times)]]
     return out
 
 
@@ -557,8 +560,9 @@ def worker(impl: str, case: str, workdir: Path, args: argparse.Namespace) -> dic
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1",
            "PYTHONWARNINGS": "ignore"}  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{impl} {case} failed:\n{out.stderr[-4000:]}")
+    if out.returncode != 0:  # killed by a signal (-9: most often the kernel, out of memory) leaves no stderr
+        why = f"signal {-out.returncode}" if out.returncode < 0 else f"exit code {out.returncode}"
+        raise RuntimeError(f"{impl} {case} failed ({why}):\n{out.stderr[-4000:]}".strip())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -257,8 +257,15 @@ def run_lit_align(case: str, workdir: Path, args: argparse.Namespace, callbacks:
         )  # fmt: skip
         data = PromptDataModule(
             module.tokenizer, str(workdir / "prompts.jsonl"), max_prompt_length=args.max_length,
-            batch_size=args.grpo_prompts,
+            batch_size=args.grpo_prompts, val_fraction=0.0,
         )  # fmt: skip
+
+        def in_file_order() -> Any:  # as TRL takes them with shuffle_dataset=False: the same prompts every step
+            from torch.utils.data import DataLoader
+
+            return DataLoader(data.train_dataset, batch_size=args.grpo_prompts, collate_fn=data.collator)
+
+        data.train_dataloader = in_file_order
     elif case == "kto":  # each HH pair as a desirable and an undesirable completion: TRL's batch of rows in pairs
         module = KTOModule(model=path, lr=1e-6, reference="copy")
         data = UnpairedDataModule(
@@ -415,7 +422,8 @@ def run_trl(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any
         common.pop("max_length")
         common["per_device_train_batch_size"] = args.grpo_prompts * args.group_size  # TRL counts completions
         sampling = dict(num_generations=args.group_size, max_completion_length=args.completion_length,
-                        generation_kwargs={"min_new_tokens": args.completion_length})  # fmt: skip
+                        generation_kwargs={"min_new_tokens": args.completion_length},
+                        shuffle_dataset=False)  # fmt: skip  # the prompts in file order on both sides
         if case == "grpo":
             trainer_cls, config = GRPOTrainer, GRPOConfig(**common, **sampling, beta=0.04, loss_type="dapo")
         else:

@@ -8,7 +8,9 @@ Both sides load the same tiny Llama directory (built from a config and saved onc
 same Anthropic HH rows (the bundled sample, split into prompt/chosen/rejected once, and kept only where
 prompt + response fits ``--max-length`` on both sides, so neither truncates), with the same batch size, precision
 (fp32) and thread count. Every measurement runs in a fresh process; lit_align and TRL alternate (A B, B A, ...);
-warm-up steps are discarded.
+warm-up steps are discarded. The on-policy cases take the prompts in file order on both sides (TRL's
+``shuffle_dataset=False``), so each step samples and trains on the same prompts; the offline cases keep each side's
+own order (lit_align's length grouping is one of its levers).
 
 Tokens/s counts the work as TRL's batches hold it: the real (non-pad) tokens of prompt+chosen plus
 prompt+rejected, however either side computes them. Peak memory is the peak resident set size from the start of

@@ -12,15 +12,18 @@ from torch.optim.lr_scheduler import LRScheduler
 INSTRUCTGPT_BETAS = (0.9, 0.95)
 
 
-def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def default_optimizer(params: Iterable[torch.nn.Parameter], fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW with InstructGPT's betas (0.9, 0.95) and no weight decay; the module sets the learning rate.
 
-    The fused kernel (one pass over each parameter for the whole update; Hugging Face's default since torch 2.8)
-    where every parameter allows it (a floating-point tensor on a device with the kernel: CPU, CUDA, ...), else
-    torch's own choice. On a CPU it is the difference between 0.33 s and 0.05 s a step at 135M parameters
-    (``benchmarks/adamw.py``); the update is the same up to rounding."""
+    ``fused=None`` takes the fused kernel (one pass over each parameter for the whole update; Hugging Face's default
+    since torch 2.8) where every parameter allows it (a floating-point tensor on a device with the kernel: CPU,
+    CUDA, ...), else torch's own choice; ``False`` never. On a CPU it is the difference between 0.33 s and 0.05 s a
+    step at 135M parameters (``benchmarks/adamw.py``); the update is the same up to rounding. The modules pass
+    ``False`` under Lightning's AMP plugin (``16-mixed``, ``bf16-mixed``), which refuses gradient clipping with an
+    optimizer that unscales gradients itself, as the fused one does."""
     params = list(params)
-    return torch.optim.AdamW(params, betas=INSTRUCTGPT_BETAS, weight_decay=0.0, fused=fused_supported(params) or None)
+    use_fused = fused_supported(params) if fused is None else fused
+    return torch.optim.AdamW(params, betas=INSTRUCTGPT_BETAS, weight_decay=0.0, fused=use_fused or None)
 
 
 def fused_supported(params: Iterable[Any]) -> bool:

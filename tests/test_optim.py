@@ -59,3 +59,19 @@ def test_total_steps_filled_in_later_and_state_loads_weights_only():
     fresh = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0))
     fresh.load_state_dict(state)
     assert fresh.total_steps == 4 and fresh.last_epoch == 3 and fresh.get_last_lr() == schedule.get_last_lr()
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", False)])
+def test_modules_take_the_fused_optimizer_except_under_lightnings_amp_plugin(precision, fused):
+    """A module's default optimizer is fused under 32-true, and not under bf16-mixed: Lightning's AMP plugin refuses
+    gradient clipping with an optimizer that unscales gradients itself (a real CPU Trainer attached, the tiny SFT
+    module's parameters)."""
+    import lightning as L
+
+    from lit_align import SFTModule
+
+    module = SFTModule(model="tiny")
+    module.configure_model()
+    module.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert bool(optimizer.defaults["fused"]) is fused

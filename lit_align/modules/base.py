@@ -457,8 +457,19 @@ class AlignModule(L.LightningModule):
         """The parameters the optimizer updates (override to add heads or exclude parts)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The injected ``optimizer`` factory over ``params``, or :func:`~lit_align.optim.default_optimizer`: fused
+        where the parameters allow it, except under Lightning's AMP plugin (``16-mixed``, ``bf16-mixed``), which
+        refuses gradient clipping with an optimizer that unscales gradients itself."""
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(params)
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        amp = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        return default_optimizer(params, fused=False if amp else None)
+
     def configure_optimizers(self) -> Any:
-        optimizer = (self.optimizer_factory or default_optimizer)(self.trainable_parameters())
+        optimizer = self.make_optimizer(self.trainable_parameters())
         for group in optimizer.param_groups:
             group["lr"] = self.lr
         scheduler = (self.lr_scheduler_factory or WarmupCosineLR)(optimizer)

@@ -27,7 +27,7 @@ from lit_align.losses import (
 )
 from lit_align.models import OFFSET_KEY, load_frozen_reward_model, unwrap_model
 from lit_align.modules.base import AlignModule, check_options, real_rows, sampling_checks, zero_dropout
-from lit_align.optim import WarmupCosineLR, default_optimizer
+from lit_align.optim import WarmupCosineLR
 from lit_align.parallel import fsdp_root, run_forward
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import Experience, Generator, RolloutStage, to_completions
@@ -366,9 +366,8 @@ class PPOModule(AlignModule):
 
     # ----- optimisation -----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        factory = self.optimizer_factory or default_optimizer
-        policy = factory([p for p in self.model.parameters() if p.requires_grad])
-        value = factory([p for p in self.value_model.parameters() if p.requires_grad])
+        policy = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        value = self.make_optimizer([p for p in self.value_model.parameters() if p.requires_grad])
         for optimizer, lr in ((policy, self.lr), (value, self.value_lr or self.lr)):
             for group in optimizer.param_groups:
                 group["lr"] = lr

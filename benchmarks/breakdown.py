@@ -121,7 +121,6 @@ def profile_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str
     Closure.__call__ = label(Closure.__call__, CLOSURE_LABEL)
     marks: list[tuple[str, float]] = []
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    result: dict[str, Any] = {}
 
     class Breakdown(L.Callback):
         def mark(self, what: str) -> None:
@@ -166,9 +165,8 @@ def profile_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str
         phases["forward"] -= marks[-1][1] - marks[-2][1]
         phases["rest"] += marks[-1][1] - marks[-2][1]
     work, top_other = work_split(profiler.events(), wall)
-    result.update(case=case, wall=wall, phases=phases, work=work, top_other_operators=top_other,
-                  useful_tokens=figures["tokens_per_step"], peak_rss_mb=figures["peak_rss_mb"])  # fmt: skip
-    return result
+    return dict(case=case, wall=wall, phases=phases, work=work, top_other_operators=top_other,
+                useful_tokens=figures["tokens_per_step"], peak_rss_mb=figures["peak_rss_mb"])  # fmt: skip
 
 
 def table(results: list[dict[str, Any]]) -> str:

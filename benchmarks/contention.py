@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 COMMAND = ["lit-align", "fit", "-c", "configs/ppo.yaml", "--trainer.limit_train_batches", "4",
@@ -28,6 +29,7 @@ COMMAND = ["lit-align", "fit", "-c", "configs/ppo.yaml", "--trainer.limit_train_
            "--model.init_args.export_dir", "null", "--trainer.enable_progress_bar", "false",
            "--trainer.enable_checkpointing", "false", "--trainer.logger", "false"]  # fmt: skip
 SETTINGS = {"GNU default (300000 spins)": "300000", "lit-align (2000 spins)": "2000"}
+SIDES = ("lit_align", "trl")
 COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(1500, 1500)\nwhile True: a @ a"
 
 
@@ -38,30 +40,39 @@ def timed(spins: str) -> float:
     return time.perf_counter() - start
 
 
-def vs_trl_tokens_per_s(repeats: int) -> dict[tuple[str, str, str], list[float]]:
+def idle_then_contended(repeats: int, measure: Callable[[str], dict[str, float]]) -> dict[tuple, list[float]]:
+    """{(idle/contended, setting, label): values}: ``measure(spins)`` ({label: value}) for each spin-count setting,
+    ``repeats`` times alternating, first alone, then beside the competitor process."""
+    results: dict[tuple, list[float]] = {}
+    for contended in (False, True):
+        competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if contended else None
+        try:
+            time.sleep(2 if contended else 0)
+            for _ in range(repeats):
+                for name, spins in SETTINGS.items():
+                    for label, value in measure(spins).items():
+                        results.setdefault(("contended" if contended else "idle", name, label), []).append(value)
+        finally:
+            if competitor is not None:
+                competitor.kill()
+    return results
+
+
+def vs_trl_tokens_per_s(repeats: int) -> dict[tuple, list[float]]:
     """``--vs-trl``: {(idle/contended, setting, side): useful tokens/s of each run}."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import vs_trl
 
-    results: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir, settings = Path(tmp), vs_trl.build_parser().parse_args(["--steps", "4", "--warmup", "1"])
         vs_trl.prepare(workdir, settings)
-        for contended in (False, True):
-            competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if contended else None
-            try:
-                time.sleep(2 if contended else 0)
-                for _ in range(repeats):
-                    for name, spins in SETTINGS.items():
-                        os.environ.pop("OMP_WAIT_POLICY", None)
-                        os.environ["GOMP_SPINCOUNT"] = spins  # both sides' workers inherit it
-                        for side in ("lit_align", "trl"):
-                            rate = vs_trl.worker(side, "dpo", workdir, settings)["tokens_per_s"]
-                            results.setdefault(("contended" if contended else "idle", name, side), []).append(rate)
-            finally:
-                if competitor is not None:
-                    competitor.kill()
-    return results
+
+        def both_sides(spins: str) -> dict[str, float]:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+            os.environ["GOMP_SPINCOUNT"] = spins  # both sides' workers inherit it
+            return {side: vs_trl.worker(side, "dpo", workdir, settings)["tokens_per_s"] for side in SIDES}
+
+        return idle_then_contended(repeats, both_sides)
 
 
 def main() -> None:
@@ -73,26 +84,17 @@ def main() -> None:
         print(f"# load average at start: {os.getloadavg()[0]:.2f} (1 min); {os.cpu_count()} CPUs; DPO useful tok/s")
         rates = vs_trl_tokens_per_s(args.repeats)
         for name in SETTINGS:
-            for side in ("lit_align", "trl"):
+            for side in SIDES:
                 idle, busy = (statistics.median(rates[(state, name, side)]) for state in ("idle", "contended"))
                 print(f"{name:28s} {side:9s} idle {idle:8,.0f}  contended {busy:8,.0f}  slowdown {idle / busy:.2f}x")
         return
     print(f"# load average at start: {os.getloadavg()[0]:.2f} (1 min); {os.cpu_count()} CPUs")
-    results: dict[tuple[str, str], list[float]] = {}
-    for contended in (False, True):
-        competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if contended else None
-        try:
-            time.sleep(2 if contended else 0)
-            for _ in range(args.repeats):
-                for name, spins in SETTINGS.items():
-                    results.setdefault(("contended" if contended else "idle", name), []).append(timed(spins))
-        finally:
-            if competitor is not None:
-                competitor.kill()
-    for (state, name), times in results.items():
+    results = idle_then_contended(args.repeats, lambda spins: {"ppo": timed(spins)})
+    for (state, name, _), times in results.items():
         print(f"{state:9s} {name:28s} median {statistics.median(times):6.1f} s  runs {[round(t, 1) for t in times]}")
     for name in SETTINGS:
-        slow = statistics.median(results[("contended", name)]) / statistics.median(results[("idle", name)])
+        idle, busy = (statistics.median(results[(state, name, "ppo")]) for state in ("idle", "contended"))
+        slow = busy / idle
         print(f"slowdown under contention, {name}: {slow:.2f}x")
 
 
